@@ -7,8 +7,13 @@
 The client routes rows to shards (the layout comes from the servers), splits requests that would
 exceed the message limit, and retries a push that may not have arrived (UNAVAILABLE,
 DEADLINE_EXCEEDED) with the same (client id, sequence) so the server applies it exactly once.
+Pull, Push and PushPull go to each shard's data port when it has one (client/dataplane.py: the
+same messages with the rows as raw bytes, several times less CPU than gRPC for large rows);
+`data_plane=False` or SPARSEPS_DATA_PLANE=0 keeps everything on gRPC.
 """
 import json
+import logging
+import os
 import random
 import threading
 import time
@@ -17,7 +22,8 @@ import uuid
 import grpc
 import numpy as np
 
-from . import errors
+from . import errors, frames
+from .dataplane import DataChannel, client_tls_context, host_of
 from .partition import Layout, owner_shard
 from .proto import sparseps_pb2 as pb
 from .proto import sparseps_pb2_grpc as pb_grpc
@@ -26,6 +32,8 @@ from .tensors import DTYPE_NAMES, from_tensor, to_tensor, wire_dtype
 _PARTITIONS = {"mod": pb.MOD, "div": pb.DIV, "whole": pb.WHOLE}
 _PARTITION_NAMES = {v: k for k, v in _PARTITIONS.items()}
 _RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+_DATA_METHODS = {"Pull": frames.PULL, "Push": frames.PUSH, "PushPull": frames.PUSH_PULL}
+log = logging.getLogger("sparseps")
 
 
 _MALLOC_TUNED = []
@@ -88,6 +96,11 @@ def _call(fn, request, timeout=None, metadata=None):
         raise errors.from_rpc_error(e) from None
 
 
+def _array(t) -> np.ndarray:
+    """A response tensor's rows: already an array on the data plane, protobuf bytes on gRPC."""
+    return t if isinstance(t, np.ndarray) else from_tensor(t)
+
+
 def _dense_gradient(grad):
     """(ids, rows) for sparse gradients (tuples or objects with .indices/.values), else None."""
     if isinstance(grad, tuple) and len(grad) == 2:
@@ -103,9 +116,11 @@ class Client:
     def __init__(self, addresses, *, max_message_mb: int = 256, timeout: float | None = None,
                  retry_deadline: float = 60.0, credentials: grpc.ChannelCredentials | None = None,
                  token: str | None = None, client_id: str | None = None, tls_ca=None, tls_cert=None,
-                 tls_key=None, server_name: str | None = None):
+                 tls_key=None, server_name: str | None = None, data_plane: bool | None = None):
         """tls_ca / tls_cert / tls_key: PEM file paths or bytes (TLS; cert+key for mutual TLS);
-        server_name: the name to verify the server certificate against (default: the address's host)."""
+        server_name: the name to verify the server certificate against (default: the address's host);
+        data_plane: use the shards' data ports (default: yes, unless SPARSEPS_DATA_PLANE=0)."""
+        explicit_credentials = credentials is not None
         if credentials is None and (tls_ca or tls_cert or tls_key):
             credentials = tls_credentials(tls_ca, tls_cert, tls_key)
         if isinstance(addresses, str):
@@ -144,11 +159,62 @@ class Client:
         self._stubs = [stubs[k] for k in order]
         self.server_info = [infos[k] for k in order]
         self.num_shards = n
+        if data_plane is None:
+            data_plane = os.environ.get("SPARSEPS_DATA_PLANE", "1") != "0"
+        self._data = [None] * n
+        if data_plane:
+            self._data = [self._data_channel(a, i, token, explicit_credentials, (tls_ca, tls_cert, tls_key),
+                                             server_name) for a, i in zip(self.addresses, self.server_info)]
         self._layouts: dict[str, tuple] = {}
         self._clip_configs: dict[str, tuple] = {}
 
+    def _data_channel(self, address, info, token, explicit_credentials, tls_files, server_name):
+        """A shard's data-plane connections, or None (gRPC only) if it has none we can use."""
+        if not info.data_port:
+            return None
+        tls = None
+        if info.data_tls:
+            if explicit_credentials or not any(tls_files):
+                return None   # TLS given as opaque gRPC credentials: only gRPC can use them
+            tls = client_tls_context(*tls_files)
+        elif any(tls_files) or explicit_credentials:
+            return None       # never send over plain TCP what the caller wanted encrypted
+        channel = DataChannel(host_of(address), info.data_port, tls=tls, server_name=server_name, token=token,
+                              timeout=self.timeout)
+        try:
+            channel.probe()
+        except errors.Unavailable as e:
+            log.warning("shard %s: data plane unreachable (%s); using gRPC for pulls and pushes", address, e)
+            return None
+        return channel
+
+    def _data_call(self, k, method, request, arrays):
+        data = self._data[k]
+        try:
+            return data.call(method, request, arrays)
+        except errors.Unavailable:
+            # a restarted shard may listen on another data port: ask its gRPC port where
+            try:
+                info = _call(self._stubs[k].GetServerInfo, pb.ServerInfoRequest(), 5, self._metadata)
+                if info.data_port and info.data_port != data.port:
+                    fresh = DataChannel(data.host, info.data_port, tls=data.tls, server_name=data.server_name,
+                                        token=data.token, timeout=data.timeout)
+                    self._data[k] = fresh
+                    data.close()
+            except errors.Error:
+                pass
+            raise
+
+    @property
+    def data_plane(self) -> list:
+        """Per shard: 'host:port' of the data plane in use, or None where calls go over gRPC."""
+        return [f"{d.host}:{d.port}" if d is not None else None for d in self._data]
+
     # ------------------------------------------------------------------ plumbing
     def close(self):
+        for d in self._data:
+            if d is not None:
+                d.close()
         for c in self._channels:
             c.close()
 
@@ -171,11 +237,28 @@ class Client:
             time.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, 2.0)
 
-    def _each(self, method: str, requests: dict, retry: bool | tuple = True) -> dict:
+    def _attach(self):
+        """{shard: []} for the shards whose requests go to the data plane (rows then travel aside)."""
+        return {k: [] for k, d in enumerate(self._data) if d is not None}
+
+    def _put(self, k, array, t, attach):
+        """Fill a request Tensor for shard k: its bytes inline (gRPC) or aside (data plane)."""
+        if attach is not None and k in attach:
+            frames.describe(array, t, attach[k])
+        else:
+            to_tensor(array, t)
+
+    def _each(self, method: str, requests: dict, retry: bool | tuple = True, attach: dict | None = None) -> dict:
         """Send requests[shard] to each shard in parallel; {shard: response}. retry: a tuple
         narrows the status codes retried (a pull that waits server-side must not retry its own
-        DEADLINE_EXCEEDED)."""
+        DEADLINE_EXCEEDED). attach: {shard: arrays} of requests built for the data plane."""
         def one(k, req):
+            if attach is not None and k in attach:
+                code, arrays = _DATA_METHODS[method], attach[k]
+                if retry:
+                    codes = retry if isinstance(retry, tuple) else _RETRYABLE
+                    return self._retry(lambda: self._data_call(k, code, req, arrays), codes)
+                return self._data_call(k, code, req, arrays)
             fn = getattr(self._stubs[k], method)
             codes = retry if isinstance(retry, tuple) else _RETRYABLE
             return self._retry(lambda: _call(fn, req, self.timeout, self._metadata), codes) if retry \
@@ -368,12 +451,13 @@ class Client:
                 gids = layout.global_ids(k)
                 for lo in range(0, count, per_request):
                     hi = min(count, lo + per_request)
+                    attach = None if slot else self._attach()
                     req = self._pull_request(slot, name, None, min_iterations, timeout, worker_id)
                     req.row_start, req.row_stop = int(gids[lo]), int(gids[hi - 1]) + 1
-                    resp = self._each(method, {k: req}, retry)[k]
+                    resp = self._each(method, {k: req}, retry, attach)[k]
                     if _seen is not None:
                         _seen.add(resp.iterations)
-                    out[from_tensor(resp.ids)] = from_tensor(resp.values)
+                    out[_array(resp.ids)] = _array(resp.values)
             return out
         ids = np.asarray(ids)
         if ids.dtype.kind not in "iu":
@@ -386,30 +470,34 @@ class Client:
             shard_of = layout.shard_of(ids)
         for lo in range(0, max(len(ids), 1), per_request):
             sel = slice(lo, lo + per_request)
-            requests, masks = {}, {}
-            for k in np.unique(shard_of[sel]):
-                mask = shard_of[sel] == k
-                masks[k] = mask
-                requests[int(k)] = self._pull_request(slot, name, ids[sel][mask], min_iterations, timeout, worker_id)
+            requests = {}
+            attach = None if slot else self._attach()
+            if self.num_shards == 1:
+                masks = {0: slice(None)} if len(ids) else {}
+            else:
+                masks = {int(k): shard_of[sel] == k for k in np.unique(shard_of[sel])}
+            for k, mask in masks.items():
+                requests[k] = self._pull_request(slot, name, ids[sel][mask], min_iterations, timeout, worker_id,
+                                                 k, attach)
             if not requests:
                 break
-            for k, resp in self._each(method, requests, retry).items():
+            for k, resp in self._each(method, requests, retry, attach).items():
                 if len(requests) == 1:
-                    out[sel] = from_tensor(resp.values)
+                    out[sel] = _array(resp.values)
                 else:
-                    out[sel][masks[k]] = from_tensor(resp.values)
+                    out[sel][masks[k]] = _array(resp.values)
                 if _seen is not None:
                     _seen.add(resp.iterations)
         return out
 
-    def _pull_request(self, slot, name, ids, min_iterations, timeout, worker_id=""):
+    def _pull_request(self, slot, name, ids, min_iterations, timeout, worker_id="", k=0, attach=None):
         if slot:
             req = pb.GetSlotRequest(variable=name, slot=slot)
         else:
             req = pb.PullRequest(variable=name, min_iterations=min_iterations, timeout_seconds=timeout,
                                  worker_id=worker_id)
         if ids is not None:
-            to_tensor(ids, req.ids)
+            self._put(k, ids, req.ids, attach)
         return req
 
     def _shards_of(self, layout):
@@ -427,8 +515,9 @@ class Client:
         StaleGradient if the step had its replicas already (docs/consistency.md). `worker_id`:
         bounded mode, the worker whose clock this push advances.
         """
-        requests, opt_names, seq = self._push_requests(gradients, step, worker_id)
-        responses = self._send_pushes(requests)
+        attach = self._attach()
+        requests, opt_names, seq = self._push_requests(gradients, step, worker_id, attach)
+        responses = self._send_pushes(requests, attach)
         its: dict[str, int] = {}
         stale = False
         for resp in responses.values():
@@ -450,9 +539,10 @@ class Client:
         (iterations as push() returns them, {variable: ndarray}). Async-mode optimizers only;
         a push too large for one message falls back to push() then pull().
         """
-        requests, opt_names, seq = self._push_requests(gradients, None, "")
-        if any(r.ByteSize() > self.max_message // 2 for r in requests.values()):
-            self._send_pushes(requests)
+        attach = self._attach()
+        requests, opt_names, seq = self._push_requests(gradients, None, "", attach)
+        if any(self._size(k, r, attach) > self.max_message // 2 for k, r in requests.items()):
+            self._send_pushes(requests, attach)
             its = self.optimizer(opt_names[0]).iterations if len(opt_names) == 1 else \
                 {o: self.optimizer(o).iterations for o in opt_names}
             return its, {name: self.pull(name, ids) for name, ids in pulls.items()}
@@ -473,21 +563,22 @@ class Client:
                 owners = {int(k): shard_of == k for k in np.unique(shard_of)}
             for k, sel in owners.items():
                 q = calls[k].pulls.add(variable=name)
-                to_tensor(ids[sel], q.ids)
+                self._put(k, ids[sel], q.ids, attach)
                 where.append((name, k, sel))
-        responses = self._each("PushPull", calls)
+        responses = self._each("PushPull", calls, True, attach)
         its: dict[str, int] = {}
         for resp in responses.values():
             for o in resp.push.iterations:
                 its[o.optimizer] = max(its.get(o.optimizer, 0), o.iterations)
         cursor = {k: 0 for k in responses}
         for name, k, sel in where:
-            outs[name][sel] = from_tensor(responses[k].pulls[cursor[k]].values)
+            outs[name][sel] = _array(responses[k].pulls[cursor[k]].values)
             cursor[k] += 1
         return (next(iter(its.values())) if len(its) == 1 else its), outs
 
-    def _push_requests(self, gradients: dict, step, worker_id):
-        """One PushRequest per shard (every shard gets a part), and the optimizers involved."""
+    def _push_requests(self, gradients: dict, step, worker_id, attach=None):
+        """One PushRequest per shard (every shard gets a part), and the optimizers involved.
+        attach: {shard: []} collects the rows of data-plane shards instead of copying them in."""
         if not gradients:
             raise errors.InvalidArgument("push: no gradients (a step needs at least one variable)")
         seq = self._next_sequence()
@@ -513,7 +604,7 @@ class Client:
                                                  f"expected {list(shape)}")
                 for k in range(self.num_shards):
                     g = requests[k].gradients.add(variable=name)
-                    to_tensor(values if layout.n == 1 else values[layout.global_ids(k)], g.values)
+                    self._put(k, values if layout.n == 1 else values[layout.global_ids(k)], g.values, attach)
                     added.append(g)
             else:
                 ids, rows = sparse
@@ -533,8 +624,8 @@ class Client:
                     parts = {k: (ids[owner == k], rows[owner == k]) for k in range(self.num_shards)}
                 for k, (i, r) in parts.items():
                     g = requests[k].gradients.add(variable=name)
-                    to_tensor(i, g.ids)
-                    to_tensor(r, g.values)
+                    self._put(k, i, g.ids, attach)
+                    self._put(k, r, g.values, attach)
                     added.append(g)
             opt = self._optimizer_of(name)
             if opt and opt not in opt_names:
@@ -587,10 +678,20 @@ class Client:
             v = np.clip(v, -dtype.type(clipvalue), dtype.type(clipvalue))
         return float(eigen_sum(v * v))
 
-    def _send_pushes(self, requests: dict) -> dict:
-        big = {k for k, r in requests.items() if r.ByteSize() > self.max_message - 65536}
+    @staticmethod
+    def _size(k, request, attach) -> int:
+        size = request.ByteSize()
+        if attach is not None and k in attach:
+            size += sum(a.nbytes for a in attach[k])
+        return size
+
+    def _send_pushes(self, requests: dict, attach=None) -> dict:
+        big = {k for k, r in requests.items() if self._size(k, r, attach) > self.max_message - 65536}
+        for k in big:
+            if attach is not None and k in attach:   # too big for one frame: gRPC's chunked push
+                frames.reattach(requests[k], attach.pop(k))
         small = {k: r for k, r in requests.items() if k not in big}
-        out = self._each("Push", small) if small else {}
+        out = self._each("Push", small, True, attach) if small else {}
         for k in big:
             chunks = list(self._chunks(requests[k]))
             fn = self._stubs[k].PushChunked

@@ -381,7 +381,7 @@ class ServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("version", "backend", "device", "shard_index", "num_shards", "cluster", "instance_id")
+    __slots__ = ("version", "backend", "device", "shard_index", "num_shards", "cluster", "instance_id", "data_port", "data_tls")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -389,6 +389,8 @@ class ServerInfo(_message.Message):
     NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
     CLUSTER_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    DATA_PORT_FIELD_NUMBER: _ClassVar[int]
+    DATA_TLS_FIELD_NUMBER: _ClassVar[int]
     version: str
     backend: str
     device: str
@@ -396,7 +398,9 @@ class ServerInfo(_message.Message):
     num_shards: int
     cluster: _containers.RepeatedScalarFieldContainer[str]
     instance_id: str
-    def __init__(self, version: _Optional[str] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., shard_index: _Optional[int] = ..., num_shards: _Optional[int] = ..., cluster: _Optional[_Iterable[str]] = ..., instance_id: _Optional[str] = ...) -> None: ...
+    data_port: int
+    data_tls: bool
+    def __init__(self, version: _Optional[str] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., shard_index: _Optional[int] = ..., num_shards: _Optional[int] = ..., cluster: _Optional[_Iterable[str]] = ..., instance_id: _Optional[str] = ..., data_port: _Optional[int] = ..., data_tls: _Optional[bool] = ...) -> None: ...
 
 class CheckpointRequest(_message.Message):
     __slots__ = ("path",)

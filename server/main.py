@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-nonfinite", action="store_true", default=_env("allow_nonfinite", "") == "1",
                    help="accept NaN/Inf in gradients (rejected by default)")
     p.add_argument("--threads", type=int, default=int(_env("threads", 16)), help="gRPC worker threads")
+    p.add_argument("--data-port", type=int, default=int(_env("data_port", 0)),
+                   help="port of the data plane (Pull/Push/PushPull as raw frames, several times cheaper than "
+                        "gRPC for large rows; same TLS and tokens): 0 = pick a free one (default), -1 = off")
     p.add_argument("--metrics-port", type=int, default=int(_env("metrics_port", 0)),
                    help="serve Prometheus metrics at http://HOST:PORT/metrics (0 = off)")
     p.add_argument("--metrics-host", default=_env("metrics_host", None),
@@ -159,6 +162,21 @@ def security(args, shard=None):
     return credentials, interceptors
 
 
+def start_data_plane(args, service, interceptors):
+    from .auth import AuthInterceptor
+    from .dataplane import DataPlane, server_tls_context
+    from .limits import LimitsInterceptor
+    tls = server_tls_context(args.tls_cert, args.tls_key, args.tls_ca) if args.tls_cert else None
+    auth = next((i for i in interceptors if isinstance(i, AuthInterceptor)), None)
+    budget = next((i.budget for i in interceptors if isinstance(i, LimitsInterceptor)), None)
+    try:
+        plane = DataPlane(service, args.host, args.data_port, tls=tls, auth=auth, budget=budget,
+                          max_message=args.max_message_mb << 20)
+    except OSError as e:
+        raise SystemExit(f"could not bind the data plane on {args.host}:{args.data_port}: {e.strerror or e}") from None
+    return plane.start()
+
+
 def serve(args, ready: threading.Event | None = None):
     """Start serving; returns (grpc server, bound port, shard)."""
     import grpc
@@ -184,6 +202,8 @@ def serve(args, ready: threading.Event | None = None):
     shard = Shard(bk, args.shard_index, num_shards, allow_nonfinite=args.allow_nonfinite,
                   max_pull_elements=max(1, (limit - 65536) // 4))
     credentials, interceptors = security(args, shard)
+    if args.port == args.data_port and args.port > 0:
+        raise SystemExit(f"--data-port {args.data_port} is also the gRPC --port")
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=args.threads), interceptors=interceptors, options=[
         ("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
         ("grpc.so_reuseport", 0)])
@@ -210,6 +230,11 @@ def serve(args, ready: threading.Event | None = None):
     if port == 0:
         raise SystemExit(f"could not bind {args.host}:{args.port}")
     server.start()
+    server.data_plane = None
+    if args.data_port >= 0:
+        server.data_plane = start_data_plane(args, service, interceptors)
+        service.data_port = server.data_plane.port
+        service.data_tls = server.data_plane.tls is not None
     for name in ("", "sparseps.v1.ParameterServer"):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     server.health = health_servicer
@@ -218,8 +243,9 @@ def serve(args, ready: threading.Event | None = None):
     if metrics is not None:
         mhost = args.metrics_host or args.host
         log.info("metrics at http://%s:%d/metrics", mhost, metrics.serve(mhost, args.metrics_port))
-    log.info("sparseps-server shard %d/%d listening on %s:%d backend=%s device=%s", args.shard_index,
-             num_shards, args.host, port, bk.name, bk.device)
+    log.info("sparseps-server shard %d/%d listening on %s:%d (data plane %s) backend=%s device=%s",
+             args.shard_index, num_shards, args.host, port,
+             server.data_plane.port if server.data_plane is not None else "off", bk.name, bk.device)
     if args.port_file:
         tmp = args.port_file + ".tmp"
         with open(tmp, "w") as f:
@@ -249,7 +275,10 @@ def main(argv=None):
     signal.signal(signal.SIGINT, on_signal)
     stop.wait()
     server.health.enter_graceful_shutdown()
-    server.stop(grace=5).wait()
+    stopped = server.stop(grace=5)
+    if server.data_plane is not None:
+        server.data_plane.stop(grace=5)
+    stopped.wait()
     pipeline = server.pipeline
     if pipeline.periodic is not None:
         pipeline.periodic.stop()

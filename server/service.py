@@ -92,6 +92,8 @@ MAX_WAIT_SECONDS = 600.0   # the longest a pull may wait for a step (min_iterati
 class ParameterServerService(pb_grpc.ParameterServerServicer):
     max_message = 0            # the server's message limit; a pull answer over it is refused clearly
     max_waiting_pulls = 8      # pulls that may block a worker thread waiting for steps at once
+    data_port = 0              # the data plane's port, advertised in ServerInfo (0 = none)
+    data_tls = False
     def __init__(self, shard, cluster=(), metrics=None, pushes=None):
         from .pushes import PushPipeline
         self.shard = shard
@@ -133,7 +135,8 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
     def GetServerInfo(self, request, context):
         s = self.shard
         return pb.ServerInfo(version=_version(), backend=s.bk.name, device=s.bk.device, shard_index=s.index,
-                             num_shards=s.num_shards, cluster=self.cluster, instance_id=s.instance_id)
+                             num_shards=s.num_shards, cluster=self.cluster, instance_id=s.instance_id, data_port=self.data_port,
+                             data_tls=self.data_tls)
 
     @_handler
     def CreateOptimizer(self, request, context):
@@ -162,23 +165,33 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
     def ListVariables(self, request, context):
         return pb.ListVariablesResponse(variables=[self._variable_info(v) for v in list(self.shard.variables.values())])
 
-    def _pull(self, name, ids_t, has_ids, slot, row_start, row_stop, what):
-        ids = from_tensor(ids_t, f"{what} ids") if has_ids else None
+    def _pull(self, name, ids, slot, row_start, row_stop, what):
         values, gids, iterations = self.shard.pull(name, ids, slot, row_start, row_stop)
-        resp = pb.PullResponse(iterations=iterations)
-        to_tensor(values, resp.values)
-        if ids is None:
-            to_tensor(gids, resp.ids)
-        if self.max_message and resp.ByteSize() > self.max_message:
-            raise errors.ResourceExhausted(
-                f"{what} of {name!r}: the answer ({resp.ByteSize()} bytes, {len(values)} rows) is larger than the "
-                f"message limit ({self.max_message} bytes); pull fewer rows at a time")
+        if self.max_message:
+            size = values.nbytes + (gids.nbytes if ids is None else 0) + 64
+            if size > self.max_message:
+                raise errors.ResourceExhausted(
+                    f"{what} of {name!r}: the answer ({size} bytes, {len(values)} rows) is larger than the "
+                    f"message limit ({self.max_message} bytes); pull fewer rows at a time")
         if self.metrics is not None:
             self.metrics.pulled(name, len(values), values.nbytes)
+        return values, (gids if ids is None else None), iterations
+
+    @staticmethod
+    def _pull_response(values, gids, iterations) -> "pb.PullResponse":
+        resp = pb.PullResponse(iterations=iterations)
+        to_tensor(values, resp.values)
+        if gids is not None:
+            to_tensor(gids, resp.ids)
         return resp
 
     @_handler
     def Pull(self, request, context):
+        ids = from_tensor(request.ids, "pull ids") if request.HasField("ids") else None
+        return self._pull_response(*self.pull(request, ids, context.time_remaining()))
+
+    def pull(self, request, ids, remaining=None):
+        """A pull, after any wait it asks for: (values, global ids of a range pull or None, iterations)."""
         waits = request.min_iterations or (request.worker_id and self.pushes.sync is not None)
         if waits:
             t = request.timeout_seconds
@@ -186,7 +199,6 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
                 raise errors.InvalidArgument(f"pull of {request.variable!r}: timeout_seconds must be a finite "
                                              f"number >= 0, got {t}")
             # never wait past the call's own deadline, nor longer than MAX_WAIT_SECONDS
-            remaining = context.time_remaining()
             t = min(t or 60.0, MAX_WAIT_SECONDS, remaining if remaining is not None else math.inf)
             t = max(t, 1e-3)
             if request.min_iterations and not self._reached(request.variable, request.min_iterations):
@@ -204,8 +216,7 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
                         self._waiting -= 1
             if request.worker_id and self.pushes.sync is not None:   # bounded staleness
                 self.pushes.sync.wait_bounded(request.variable, request.worker_id, t)
-        return self._pull(request.variable, request.ids, request.HasField("ids"), request.slot,
-                          request.row_start, request.row_stop, "pull")
+        return self._pull(request.variable, ids, request.slot, request.row_start, request.row_stop, "pull")
 
     def _reached(self, variable, min_iterations) -> bool:
         var = self.shard.variable(variable)
@@ -216,23 +227,30 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
     def GetSlot(self, request, context):
         if not request.slot:
             raise errors.InvalidArgument("get_slot: a slot name is required")
-        return self._pull(request.variable, request.ids, request.HasField("ids"), request.slot,
-                          request.row_start, request.row_stop, "get_slot")
+        ids = from_tensor(request.ids, "get_slot ids") if request.HasField("ids") else None
+        return self._pull_response(*self._pull(request.variable, ids, request.slot, request.row_start,
+                                               request.row_stop, "get_slot"))
 
-    def decode_gradients(self, request):
+    @staticmethod
+    def decode_gradients(request, arrays=None):
+        """[(variable, ids or None, values, l2sum or None)]; `arrays`: the data plane's payload views,
+        in frames.tensors() order, instead of the Tensors' bytes."""
         grads = []
         for g in request.gradients:
-            ids = from_tensor(g.ids, f"push ids of {g.variable!r}") if g.HasField("ids") else None
-            values = from_tensor(g.values, f"push values of {g.variable!r}")
+            if arrays is not None:
+                ids = next(arrays) if g.HasField("ids") else None
+                values = next(arrays)
+            else:
+                ids = from_tensor(g.ids, f"push ids of {g.variable!r}") if g.HasField("ids") else None
+                values = from_tensor(g.values, f"push values of {g.variable!r}")
             grads.append((g.variable, ids, values, g.l2sum if g.HasField("l2sum") else None))
         return grads
 
-    def _push(self, request, context):
+    def push(self, request, grads) -> "pb.PushResponse":
         received = time.perf_counter()
-        grads = self.decode_gradients(request)
         if self.metrics is not None:
             self.metrics.push_received(grads)
-        resp = self.pushes.push(request, grads, received, context)
+        resp = self.pushes.push(request, grads, received)
         if self.metrics is not None:   # received -> applied (and durable), answer ready
             self.metrics.push_answered([o.optimizer for o in resp.iterations], time.perf_counter() - received,
                                        stale=resp.stale, duplicate=resp.duplicate)
@@ -240,10 +258,17 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
 
     @_handler
     def Push(self, request, context):
-        return self._push(request, context)
+        return self.push(request, self.decode_gradients(request))
 
     @_handler
     def PushPull(self, request, context):
+        grads = self.decode_gradients(request.push)
+        pull_ids = [from_tensor(q.ids, f"push_pull ids of {q.variable!r}") if q.HasField("ids") else None
+                    for q in request.pulls]
+        pushed, pulls = self.push_pull(request, grads, pull_ids)
+        return pb.PushPullResponse(push=pushed, pulls=[self._pull_response(*p) for p in pulls])
+
+    def push_pull(self, request, grads, pull_ids):
         """Push, then pull: the rows returned already include this push's update."""
         for q in request.pulls:
             if q.min_iterations or q.worker_id:
@@ -256,14 +281,14 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
                 raise errors.FailedPrecondition(f"push_pull: optimizer {name!r} is in "
                                                 f"{self.shard.optimizer(name).consistency['mode']} mode, whose steps "
                                                 "wait for other workers; use push and pull")
-        for q in request.pulls:   # a pull that cannot succeed refuses the whole call before the push
+        for q, ids in zip(request.pulls, pull_ids):   # a pull that cannot succeed refuses the whole call first
             var = self.shard.variable(q.variable)
-            if q.HasField("ids"):
-                var.local_ids(from_tensor(q.ids, f"push_pull ids of {q.variable!r}"), "push_pull")
-        pushed = self._push(request.push, context)
-        pulls = [self._pull(q.variable, q.ids, q.HasField("ids"), q.slot, q.row_start, q.row_stop, "push_pull")
-                 for q in request.pulls]
-        return pb.PushPullResponse(push=pushed, pulls=pulls)
+            if ids is not None:
+                var.local_ids(ids, "push_pull")
+        pushed = self.push(request.push, grads)
+        pulls = [self._pull(q.variable, ids, q.slot, q.row_start, q.row_stop, "push_pull")
+                 for q, ids in zip(request.pulls, pull_ids)]
+        return pushed, pulls
 
     @_handler
     def PushChunked(self, request_iterator, context):
@@ -303,7 +328,7 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
             to_tensor(vals, joined.values)
             if gs[0].HasField("l2sum"):
                 joined.l2sum = gs[0].l2sum
-        return self._push(merged, context)
+        return self.push(merged, self.decode_gradients(merged))
 
     @_handler
     def SetWeights(self, request, context):

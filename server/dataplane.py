@@ -1,0 +1,319 @@
+"""The data-plane transport: Pull, Push and PushPull as frames on a plain TCP (or TLS) socket.
+
+Same requests, same checks, same state changes and same status codes as the gRPC methods
+(service.py does the work); only the bytes move differently: a request's rows are received
+straight into one numpy buffer and an answer's rows go to the kernel without being copied into
+a protobuf (client/frames.py has the format). One thread per connection; a client keeps a few
+connections per shard. Tokens (a HELLO frame first), roles, TLS and the memory budget apply as
+on the gRPC port.
+"""
+import logging
+import socket
+import ssl
+import threading
+import time
+
+import grpc
+import numpy as np
+
+from sparseps import errors, frames
+from sparseps.proto import sparseps_pb2 as pb
+
+from .auth import METHOD_ROLES, RANK
+
+log = logging.getLogger("sparseps.server")
+
+MAX_CONNECTIONS = 512
+
+
+class _Refusal(Exception):
+    def __init__(self, code, message, fatal=False):
+        super().__init__(message)
+        self.code, self.message, self.fatal = code, message, fatal
+
+
+class DataPlane:
+    def __init__(self, service, host: str, port: int, *, tls: ssl.SSLContext | None = None, auth=None,
+                 budget=None, max_message: int = 256 << 20):
+        self.service, self.tls, self.auth, self.budget = service, tls, auth, budget
+        self.max_message = max_message
+        self._listener = socket.create_server((host, port), backlog=128, reuse_port=False)
+        self.port = self._listener.getsockname()[1]
+        self._conns: dict = {}   # socket -> busy flag
+        self._lock = threading.Lock()
+        self._stopping = False
+        self._threads = []
+        self._acceptor = threading.Thread(target=self._accept, name="dataplane-accept", daemon=True)
+
+    def start(self):
+        self._acceptor.start()
+        return self
+
+    def stop(self, grace: float = 5.0):
+        """Stop accepting; idle connections close now, busy ones after their current frame."""
+        self._stopping = True
+        try:
+            self._listener.close()
+        except OSError:
+            pass
+        with self._lock:
+            for sock, busy in list(self._conns.items()):
+                if not busy:
+                    _shutdown(sock)
+        deadline = time.monotonic() + grace
+        for t in list(self._threads):
+            t.join(max(0.0, deadline - time.monotonic()))
+        with self._lock:
+            for sock in list(self._conns):
+                _shutdown(sock)
+
+    # ------------------------------------------------------------------ connections
+    def _accept(self):
+        while not self._stopping:
+            try:
+                sock, peer = self._listener.accept()
+            except OSError:
+                return
+            with self._lock:
+                if len(self._conns) >= MAX_CONNECTIONS:
+                    sock.close()
+                    log.warning("data plane: %d connections open, refused %s", MAX_CONNECTIONS, peer)
+                    continue
+                self._conns[sock] = False
+            t = threading.Thread(target=self._serve, args=(sock, peer), name=f"dataplane-{peer[1]}", daemon=True)
+            self._threads = [x for x in self._threads if x.is_alive()] + [t]
+            t.start()
+
+    def _serve(self, raw, peer):
+        sock = raw
+        try:
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.tls is not None:
+                raw.settimeout(30)
+                sock = self.tls.wrap_socket(raw, server_side=True)
+                sock.settimeout(None)
+                with self._lock:
+                    self._conns[sock] = self._conns.pop(raw, False)
+            role = "admin" if self.auth is None else None
+            head = bytearray(frames.HEADER.size)
+            while not self._stopping:
+                if not frames.recv_exact(sock, memoryview(head)):
+                    return
+                with self._lock:
+                    self._conns[sock] = True
+                role = self._frame(sock, bytes(head), role)
+                with self._lock:
+                    self._conns[sock] = False
+        except (ConnectionError, ValueError, OSError, ssl.SSLError) as e:
+            if not self._stopping:
+                log.debug("data plane connection from %s closed: %s", peer, e)
+        finally:
+            with self._lock:
+                self._conns.pop(sock, None)
+                self._conns.pop(raw, None)
+            _shutdown(sock)
+
+    # ------------------------------------------------------------------ one frame
+    def _frame(self, sock, head: bytes, role):
+        method, _, meta_len, payload_len = frames.parse_header(head)
+        name = frames.METHODS.get(method, f"method {method}")
+        if meta_len > frames.MAX_META:
+            raise ValueError(f"{name}: {meta_len} bytes of message header is more than allowed")
+        meta = bytearray(meta_len)
+        frames.recv_exact(sock, memoryview(meta)) or _short()
+        if method == frames.HELLO:
+            return self._hello(sock, bytes(meta), payload_len)
+        start = time.perf_counter()
+        svc = self.service
+        svc.observe_start(name)
+        ticket = 0
+        try:
+            if method not in frames.REQUESTS:
+                self._drain(sock, payload_len)
+                raise _Refusal(grpc.StatusCode.UNIMPLEMENTED, f"data plane: unknown method {method}")
+            need = METHOD_ROLES[name]
+            if role is None or RANK[role] < RANK[need]:
+                self._drain(sock, payload_len)
+                raise _Refusal(grpc.StatusCode.UNAUTHENTICATED if role is None else grpc.StatusCode.PERMISSION_DENIED,
+                               f"{name}: no token (send HELLO with `authorization: Bearer TOKEN` first)" if role is None
+                               else f"{name} needs the {need!r} role; this token has {role!r}")
+            if payload_len + meta_len > self.max_message:
+                raise _Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"{name}: {payload_len + meta_len} bytes is larger than the message limit "
+                               f"({self.max_message} bytes); send it in parts", fatal=True)
+            if self.budget is not None:
+                ticket = payload_len + meta_len + (_pull_estimate(svc.shard, meta, method) if method != frames.PUSH
+                                                    else 0)
+                if not self.budget.try_acquire(ticket):
+                    self._drain(sock, payload_len)
+                    b, nbytes, ticket = self.budget, ticket, 0
+                    raise _Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                   f"{name}: server busy: {nbytes / 2**20:.1f} MiB request with {b.in_use / 2**20:.1f} "
+                                   f"MiB of requests already in progress would exceed the memory budget of "
+                                   f"{b.limit / 2**20:.0f} MiB (--memory-budget-mb); nothing was applied, retry later")
+            payload = np.empty(payload_len, np.uint8)
+            frames.recv_exact(sock, memoryview(payload)) or _short()
+            try:
+                request = frames.REQUESTS[method].FromString(bytes(meta))
+            except Exception as e:
+                raise _Refusal(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"{name}: the request body is not a valid {frames.REQUESTS[method].__name__} "
+                               f"({meta_len} bytes): {type(e).__name__}: {e}")
+            answer, arrays = self._call(method, request, payload)
+        except _Refusal as r:
+            svc.observe_error(name, r.code)
+            self._error(sock, method, r.code, r.message)
+            if r.fatal:
+                raise ConnectionError(r.message)
+            return role
+        except errors.Error as e:
+            svc.observe_error(name, e.code)
+            self._error(sock, method, e.code, e.message)
+            return role
+        except MemoryError as e:
+            svc.observe_error(name, grpc.StatusCode.RESOURCE_EXHAUSTED)
+            self._error(sock, method, grpc.StatusCode.RESOURCE_EXHAUSTED, f"{name}: out of memory ({e}); "
+                        "nothing was changed")
+            return role
+        except (ConnectionError, OSError):
+            svc.observe_error(name, grpc.StatusCode.CANCELLED)
+            raise
+        except Exception as e:   # a bug: say so instead of dropping the connection
+            log.exception("%s failed", name)
+            svc.observe_error(name, grpc.StatusCode.INTERNAL)
+            self._error(sock, method, grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
+            return role
+        finally:
+            if ticket:
+                self.budget.release(ticket)
+            svc.observe_latency(name, time.perf_counter() - start)
+        frames.send_frame(sock, method, 0, answer.SerializeToString(), arrays)
+        return role
+
+    def _call(self, method, request, payload):
+        """(answer message with its tensors left empty, arrays of its payload)."""
+        from .service import ParameterServerService as S
+        svc = self.service
+        arrays = frames.views(payload, frames.layout(request, len(payload)))
+        if method == frames.PULL:
+            ids = arrays[0] if request.HasField("ids") else None
+            values, gids, its = svc.pull(request, ids)
+            return pb.PullResponse(iterations=its, values=_described(values),
+                                   ids=_described(gids) if gids is not None else None), \
+                [values] + ([gids] if gids is not None else [])
+        push = request if method == frames.PUSH else request.push
+        if self._needs_bytes(push):
+            frames.reattach(push, arrays)   # logged or kept for a sync step: the record holds the rows
+        it = iter(arrays)
+        grads = S.decode_gradients(push, it)
+        if method == frames.PUSH:
+            return svc.push(request, grads), []
+        pull_ids = [next(it) if q.HasField("ids") else None for q in request.pulls]
+        pushed, pulls = svc.push_pull(request, grads, pull_ids)
+        out, arrays = pb.PushPullResponse(push=pushed), []
+        for values, gids, its in pulls:
+            out.pulls.add(iterations=its, values=_described(values))
+            arrays.append(values)
+            if gids is not None:
+                out.pulls[-1].ids.CopyFrom(_described(gids))
+                arrays.append(gids)
+        return out, arrays
+
+    def _needs_bytes(self, push) -> bool:
+        pipeline = self.service.pushes
+        if pipeline.wal is not None:
+            return True
+        if pipeline.sync is None:
+            return False
+        shard = self.service.shard
+        names = set(push.optimizers)
+        for g in push.gradients:
+            var = shard.variables.get(g.variable)
+            if var is not None:
+                names.add(var.optimizer)
+        return any(n in shard.optimizers and shard.optimizers[n].consistency.get("mode", "async") == "sync"
+                   for n in names)
+
+    def _hello(self, sock, meta: bytes, payload_len: int):
+        """HELLO: metadata pairs (`key: value` lines) -> the connection's role and the server's info."""
+        self._drain(sock, payload_len)
+        pairs = []
+        for line in meta.decode("utf-8", "replace").splitlines():
+            k, _, v = line.partition(":")
+            pairs.append((k.strip().lower(), v.strip()))
+        role = "admin"
+        if self.auth is not None:
+            role, reason = self.auth.role_of(pairs)
+            if role is None:
+                self.auth.denied += 1
+                self._error(sock, frames.HELLO, grpc.StatusCode.UNAUTHENTICATED,
+                            f"data plane: {reason}; this server needs `authorization: Bearer TOKEN` with a token "
+                            "from its --tokens-file (sparseps.connect(address, token=...))")
+                return None
+        svc = self.service
+        info = pb.ServerInfo(shard_index=svc.shard.index, num_shards=svc.shard.num_shards,
+                             instance_id=svc.shard.instance_id)
+        frames.send_frame(sock, frames.HELLO, 0, info.SerializeToString())
+        return role
+
+    def _drain(self, sock, n: int):
+        """Read and drop a refused request's payload, so that the connection stays usable."""
+        scratch = memoryview(bytearray(min(n, 1 << 20)))
+        while n > 0:
+            frames.recv_exact(sock, scratch[:min(n, len(scratch))]) or _short()
+            n -= min(n, len(scratch))
+
+    @staticmethod
+    def _error(sock, method, code, message):
+        from .service import _clip
+        frames.send_frame(sock, method, code.value[0], _clip(message).encode("utf-8"))
+
+
+def _described(array) -> "pb.Tensor":
+    t = pb.Tensor()
+    frames.describe(array, t, [])
+    return t
+
+
+def _pull_estimate(shard, meta: bytes, method: int) -> int:
+    """Bytes a pull answer will take, for the memory budget (as the gRPC port's LimitsInterceptor)."""
+    try:
+        req = frames.REQUESTS[method].FromString(meta)
+    except Exception:
+        return 0
+    pulls = [req] if method == frames.PULL else list(req.pulls)
+    total = 0
+    for q in pulls:
+        var = shard.variables.get(q.variable)
+        if var is None:
+            continue
+        row = int(np.prod(var.shape[1:], dtype=np.int64)) * var.dtype.itemsize
+        rows = int(np.prod(q.ids.shape, dtype=np.int64)) if q.HasField("ids") else var.local_rows
+        total += min(rows, 1 << 40) * (row + 8)
+    return total
+
+
+def _short():
+    raise ConnectionError("connection closed in the middle of a frame")
+
+
+def _shutdown(sock):
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    try:
+        sock.close()
+    except OSError:
+        pass
+
+
+def server_tls_context(cert: str, key: str, ca: str | None) -> ssl.SSLContext:
+    """TLS for the data port from the gRPC port's --tls-cert/--tls-key/--tls-ca files."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert, key)
+    if ca:
+        ctx.load_verify_locations(ca)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
