@@ -139,8 +139,9 @@ class DataPlane:
                                else f"{name} needs the {need!r} role; this token has {role!r}")
             if payload_len + meta_len > self.max_message:
                 raise _Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                               f"{name}: {payload_len + meta_len} bytes is larger than the message limit "
-                               f"({self.max_message} bytes); send it in parts", fatal=True)
+                               f"{name}: the request ({payload_len + meta_len} bytes) is larger than max message "
+                               f"size of this server ({self.max_message} bytes, --max-message-mb); nothing was "
+                               "applied: send it in parts", fatal=True)
             if self.budget is not None:
                 ticket = payload_len + meta_len + (_pull_estimate(svc.shard, meta, method) if method != frames.PUSH
                                                     else 0)
