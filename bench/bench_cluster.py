@@ -83,7 +83,7 @@ def worker_main(cfg: dict):
     if cfg.get("client_mallopt"):
         set_client_mallopt()
     import sparseps
-    client = sparseps.connect(cfg["addresses"])
+    client = sparseps.connect(cfg["addresses"], data_plane=cfg.get("data_plane", True))
     pool = id_pool(cfg["dist"], cfg["rows"], cfg["batch"], seed=100 + cfg["index"])
     uniqs = [np.unique(x, return_inverse=True) for x in pool]
     rng = np.random.default_rng(cfg["index"])
@@ -176,7 +176,7 @@ def run_workers(addresses, pids, n: int, args, model="none", sync=False, start_m
         cfg = {"addresses": addresses, "index": k, "dist": args.dist, "rows": args.rows, "dim": args.dim,
                "batch": args.batch, "bag": args.bag, "model": model, "start_at": start_at, "dur": args.dur,
                "warmup_steps": args.warmup_steps, "sync": sync, "client_mallopt": args.client_mallopt,
-               "push_pull": getattr(args, "push_pull", False),
+               "push_pull": getattr(args, "push_pull", False), "data_plane": getattr(args, "data_plane", True),
                "steps": steps, "var": var, "opt": opt}
         procs.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(cfg)],
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
@@ -264,12 +264,17 @@ def main():
     p.add_argument("--start-margin", type=float, default=2.0, help="seconds for workers to start and warm up")
     p.add_argument("--client-mallopt", action="store_true",
                    help="workers apply the server's malloc settings to themselves (mallopt) at start")
+    p.add_argument("--transport", default="data", choices=["data", "grpc"],
+                   help="data: the shipped client (pulls and pushes on the data plane); grpc: data_plane=False")
+    p.add_argument("--push-pull", action="store_true",
+                   help="workers use client.push_pull (this step's push, the next step's rows, one round trip)")
     p.add_argument("--no-sync", action="store_true", help="skip the sync-mode measurement")
     p.add_argument("--sync-steps", type=int, default=40, help="sync vs async: steps per worker (lockstep)")
     p.add_argument("--out", default=None)
     a = p.parse_args()
     if a.worker:
         return worker_main(json.loads(a.worker))
+    a.data_plane = a.transport == "data"
     import sparseps
     shards = [int(x) for x in a.shards.split(",")]
     workers = [int(x) for x in a.workers.split(",")]
@@ -358,7 +363,9 @@ def report(res) -> str:
     workers = [int(x) for x in a["workers"].split(",")]
     lines = [f"# bench_cluster — {res['machine']['date_utc']} UTC, `{res['machine']['command']}`", "",
              f"table {a['rows']:,} x {a['dim']} LazyAdam (numba), {a['batch']} {a['dist']} ids per step, step = "
-             f"pull(unique ids) + push(ids, rows){' + embedding-bag fwd/bwd' if a.get('model') == 'embbag' else ''}; "
+             f"{'push_pull(ids, rows; next unique ids)' if a.get('push_pull') else 'pull(unique ids) + push(ids, rows)'}"
+             f"{' + embedding-bag fwd/bwd' if a.get('model') == 'embbag' else ''}, client transport "
+             f"{a.get('transport', 'grpc')}; "
              f"{len(R)} rounds x {a['dur']} s windows, interleaved; load avg per round: "
              + ", ".join(str(r["loadavg"][0]) for r in R), "",
              "| shards | workers | unique rows/s | steps/s | pull p50 / p99 µs | push p50 / p99 µs | "

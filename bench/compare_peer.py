@@ -62,12 +62,13 @@ def main():
     p.add_argument("--dur", type=float, default=4.0, help="sparseps window, seconds")
     p.add_argument("--warmup-steps", type=int, default=5)
     p.add_argument("--start-margin", type=float, default=2.0)
-    p.add_argument("--variants", default="default,mallopt,mallopt+nt1",
-                   help="sparseps variants, comma-separated: default (client and server as shipped), pushpull (the "
-                        "workers use client.push_pull: this step's push and the next step's rows in one round trip), "
-                        "mallopt (the "
-                        "workers apply the server's MALLOC_ENV values to themselves with mallopt at start); a "
-                        "'+nt1' suffix runs them against a second server started with NUMBA_NUM_THREADS=1")
+    p.add_argument("--variants", default="grpc,grpc+pushpull,default,pushpull",
+                   help="sparseps variants, comma-separated, each a '+'-joined set of: default (client and "
+                        "server as shipped: pull then push, over the data plane), pushpull (the workers use "
+                        "client.push_pull: this step's push and the next step's rows in one round trip), grpc "
+                        "(the client keeps pulls and pushes on gRPC: data_plane=False), mallopt (the workers "
+                        "apply the server's MALLOC_ENV values to themselves with mallopt at start; the shipped "
+                        "client does this at connect), nt1 (a second server started with NUMBA_NUM_THREADS=1)")
     p.add_argument("--peer-python", default=os.path.join(REPO, ".venv-golden", "bin", "python"))
     p.add_argument("--peer-steps", type=int, default=200)
     p.add_argument("--peer-reps", type=int, default=3)
@@ -79,12 +80,15 @@ def main():
     workers = [int(x) for x in a.workers.split(",")]
     variants = a.variants.split(",")
     res = {"machine": machine_info(), "params": vars(a), "rounds": []}
-    # a variant is "<client>[+nt1]": client default|mallopt; +nt1 = the server started with NUMBA_NUM_THREADS=1
+    # a variant is a '+'-joined set of words; nt1 = the server started with NUMBA_NUM_THREADS=1
     envs = {"": None, "nt1": {"NUMBA_NUM_THREADS": "1"}}
     servers, by_env = [], {}
+
+    def server_tag(v):
+        return "nt1" if "nt1" in v.split("+") else ""
     try:
         for v in variants:
-            tag = v.partition("+")[2]
+            tag = server_tag(v)
             if tag in by_env:
                 continue
             srv = start_sparseps(1, "numba", env=envs[tag])[0]
@@ -99,9 +103,11 @@ def main():
             rd = {"loadavg": loadavg(), "busiest_other": busiest_other(pids)}
             for n in workers:
                 for v in variants:
-                    a.client_mallopt = v.partition("+")[0] == "mallopt"
-                    a.push_pull = v.partition("+")[0] == "pushpull"
-                    srv = by_env[v.partition("+")[2]]
+                    words = v.split("+")
+                    a.client_mallopt = "mallopt" in words
+                    a.push_pull = "pushpull" in words
+                    a.data_plane = "grpc" not in words
+                    srv = by_env[server_tag(v)]
                     key = f"sparseps_w{n}" if v == "default" else f"sparseps_{v}_w{n}"
                     rd[key] = run_workers([srv.address], [srv.pid], n, a, model="embbag")
                     print(f"round {r + 1}: sparseps ({v}) {n} workers: {rd[key]['rows_s'] / 1e6:.3f} M rows/s",
@@ -136,8 +142,10 @@ def report(res) -> str:
              f"{a['rows']:,} x {a['dim']} table, LazyAdam, 1 server; sparseps window {a['dur']} s, peer "
              f"{a['peer_reps']} x {a['peer_steps']} steps after {a['peer_warmup']} warm-up (TF {p0['tf']}, tfa {p0['tfa']}); "
              f"{len(R)} rounds; load avg per round: " + ", ".join(str(r["loadavg"][0]) for r in R)
-             + ". sparseps variants: default = client and server as shipped; mallopt = the worker process applies "
-             "sparseps-server's MALLOC_ENV values to itself with glibc mallopt() at start; +nt1 = a second server "
+             + ". sparseps variants ('+' joins them): default = client and server as shipped (pull, then push, "
+             "on the data plane); pushpull = client.push_pull (this step's push and the next step's rows in one "
+             "round trip); grpc = the client keeps pulls and pushes on gRPC (data_plane=False); mallopt = the "
+             "worker applies sparseps-server's MALLOC_ENV values to itself at start; nt1 = a second server "
              "started with NUMBA_NUM_THREADS=1 (serial numba kernels).",
              "", "| workers | sparseps variant | sparseps unique rows/s | sparseps steps/s | sparseps pull / push p50 µs | "
              "compute p50 µs | worker CPU µs/step | server CPU µs/step | peer unique rows/s | peer steps/s | "

@@ -266,6 +266,9 @@ class Client:
         if len(requests) == 1:
             (k, req), = requests.items()
             return {k: one(k, req)}
+        if attach is not None and all(k in attach for k in requests):
+            codes = (retry if isinstance(retry, tuple) else _RETRYABLE) if retry else ()
+            return self._fan_out(method, requests, attach, one, codes)
         results, failures = {}, []
 
         def run(k, req):
@@ -280,6 +283,28 @@ class Client:
             t.join()
         if failures:
             raise failures[0]
+        return results
+
+    def _fan_out(self, method, requests, attach, one, codes) -> dict:
+        """Data plane to several shards: send every request, then read every answer (no threads).
+        A shard whose connection failed is sent again through `one` (retries, exactly-once)."""
+        code = _DATA_METHODS[method]
+        pending, results, failed = {}, {}, {}
+        for k, req in requests.items():
+            try:
+                pending[k] = self._data[k].start(code, req, attach[k])
+            except errors.Error as e:
+                failed[k] = e
+        for k, p in pending.items():
+            try:
+                results[k] = self._data[k].finish(p)
+            except errors.Error as e:
+                failed[k] = e
+        for k, e in failed.items():
+            if e.code not in codes:
+                raise e
+        for k in failed:
+            results[k] = one(k, requests[k])
         return results
 
     def _all(self, method: str, request) -> dict:

@@ -119,24 +119,40 @@ class DataChannel:
     # ------------------------------------------------------------------ calls
     def call(self, method: int, request, attachments=()):
         """Send one request; the answer, whose tensors are numpy arrays (`.values`, `.ids`)."""
+        return self.finish(self.start(method, request, attachments))
+
+    def start(self, method: int, request, attachments=()):
+        """Send a request without waiting for its answer (a client fans out to shards this way,
+        without threads); `finish` reads the answer."""
         meta = request.SerializeToString()
         sock = self._borrow()
         try:
             frames.send_frame(sock, method, 0, meta, attachments)
+        except Exception as e:
+            raise self._failed(sock, method, e) from None
+        return sock, method
+
+    def finish(self, pending):
+        sock, method = pending
+        try:
             answer = self._read(sock, method)
         except errors.Error:
             self._release(sock)   # a status answer leaves the connection in step
             raise
-        except socket.timeout:
-            sock.close()
-            raise errors.DeadlineExceeded(f"{frames.METHODS[method]}: no answer from the data plane "
-                                          f"{self.host}:{self.port} within {self.timeout} s") from None
-        except (OSError, ssl.SSLError, ValueError) as e:
-            sock.close()
-            raise errors.Unavailable(f"{frames.METHODS[method]}: data plane {self.host}:{self.port}: "
-                                     f"{e or type(e).__name__}") from None
+        except Exception as e:
+            raise self._failed(sock, method, e) from None
         self._release(sock)
         return answer
+
+    def _failed(self, sock, method, e) -> errors.Error:
+        sock.close()
+        if isinstance(e, socket.timeout):
+            return errors.DeadlineExceeded(f"{frames.METHODS[method]}: no answer from the data plane "
+                                           f"{self.host}:{self.port} within {self.timeout} s")
+        if isinstance(e, (OSError, ssl.SSLError, ValueError)):
+            return errors.Unavailable(f"{frames.METHODS[method]}: data plane {self.host}:{self.port}: "
+                                      f"{e or type(e).__name__}")
+        raise e
 
     def _read(self, sock, method):
         head = bytearray(frames.HEADER.size)
