@@ -1,7 +1,9 @@
 # One image for every role: a shard (the default command), the demo and trainers.
 #
 #   docker build -t sparseps:latest .
-#   docker run --rm -p 50051:50051 -p 9400:9400 sparseps:latest           # one shard: gRPC 50051, /metrics 9400
+#   docker run --rm -p 50051:50051 -p 50061:50061 -p 9400:9400 sparseps:latest
+#       # one shard: gRPC 50051, data plane 50061, /metrics 9400. The data port is advertised to
+#       # clients as the container's port: publish it as the same number (or set SPARSEPS_DATA_PORT).
 #   docker run --rm sparseps:latest sparseps demo --address HOST:50051     # a trainer
 #
 # Offline builds (CI): put wheels in deploy/wheels/ (see docs/deploy.md) and add
@@ -41,10 +43,11 @@ ENV PATH=/opt/venv/bin:$PATH \
     MALLOC_TOP_PAD_=67108864 \
     SPARSEPS_HOST=0.0.0.0 \
     SPARSEPS_PORT=50051 \
+    SPARSEPS_DATA_PORT=50061 \
     SPARSEPS_METRICS_PORT=9400
 USER 10001
 WORKDIR /data
-EXPOSE 50051 9400
+EXPOSE 50051 50061 9400
 # Asks the gRPC health service on 127.0.0.1:$SPARSEPS_PORT; NOT_SERVING while draining.
 HEALTHCHECK --interval=5s --timeout=4s --start-period=30s --retries=3 \
     CMD ["python3", "-m", "sparseps.server.healthcheck", "--quiet", "--timeout", "3"]

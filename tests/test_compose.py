@@ -8,8 +8,10 @@
     Prometheus:       Debian's binary in an image (deploy/prometheus/Dockerfile.ci), in the cluster
 
 It asserts that both shards become healthy through the image's gRPC HEALTHCHECK, both trainer
-replicas finish the demo with exit status 0, Prometheus returns a p99 push latency per shard, and
-SIGTERM drains a shard (exit 0, final checkpoint on its volume). Everything it starts is stopped
+replicas finish the demo with exit status 0 without falling back from the data plane, a client on
+the host pulls over both shards' data ports (client.data_plane) while the trainers train and gets
+the same rows there as over gRPC, Prometheus returns a p99 push latency per shard, and SIGTERM
+drains a shard (exit 0, final checkpoint on its volume). Everything it starts is stopped
 by PID and its mounts are removed.
 
 If dockerd cannot run here (not root, no overlay, no network for debootstrap), the test is
@@ -270,7 +272,10 @@ def test_image_basics(engine, images):
     info = json.loads(engine.docker("image", "inspect", images).stdout)[0]["Config"]
     assert info["User"] == "10001"
     assert info["Healthcheck"]["Test"][:4] == ["CMD", "python3", "-m", "sparseps.server.healthcheck"]
-    port = free_port()
+    image_env = dict(e.split("=", 1) for e in info["Env"])
+    assert set(info["ExposedPorts"]) == {f"{image_env[v]}/tcp" for v in
+                                         ("SPARSEPS_PORT", "SPARSEPS_DATA_PORT", "SPARSEPS_METRICS_PORT")}
+    port, data_port = free_port(), free_port()
     # The StatefulSet's command, in this image, on a host named like pod 1: it becomes shard 1 of 2.
     from yaml import safe_load
     sts = safe_load((DEPLOY / "k8s" / "base" / "statefulset.yaml").read_text())
@@ -278,7 +283,7 @@ def test_image_basics(engine, images):
     name = f"sparseps-k8s-{os.getpid()}"
     engine.docker("run", "-d", "--name", name, "--network=host", "--hostname", "sparseps-1",
                   "-e", "SPARSEPS_NUM_SHARDS=2", "-e", "SPARSEPS_HOST=127.0.0.1", "-e", f"SPARSEPS_PORT={port}",
-                  "-e", "SPARSEPS_METRICS_PORT=0", "--entrypoint", command[0], images, *command[1:])
+                  "-e", f"SPARSEPS_DATA_PORT={data_port}", "-e", "SPARSEPS_METRICS_PORT=0", "--entrypoint", command[0], images, *command[1:])
     try:
         from sparseps.server.healthcheck import check   # the HEALTHCHECK's client, from the host side
         deadline = time.monotonic() + 60
@@ -293,17 +298,19 @@ def test_image_basics(engine, images):
     finally:
         logs = engine.docker("logs", name, check=False).stderr
         engine.docker("rm", "-f", name, check=False)
-    assert "shard 1/2 listening" in logs, logs
+    assert "shard 1/2 listening" in logs and f"(data plane {data_port})" in logs, logs
 
 
 def test_compose_cluster_trains_and_prometheus_sees_every_shard(engine, images, tmp_path):
     compose = compose_binary()
-    ports = {k: free_port() for k in ("SHARD0", "SHARD1", "SHARD0_METRICS", "SHARD1_METRICS", "PROMETHEUS")}
+    ports = {k: free_port() for k in ("SHARD0", "SHARD1", "SHARD0_DATA", "SHARD1_DATA", "SHARD0_METRICS",
+                                      "SHARD1_METRICS", "PROMETHEUS")}
     config = (DEPLOY / "prometheus" / "prometheus.ci.yml").read_text() \
         .replace("127.0.0.1:19400", f"127.0.0.1:{ports['SHARD0_METRICS']}") \
         .replace("127.0.0.1:19401", f"127.0.0.1:{ports['SHARD1_METRICS']}")
     (tmp_path / "prometheus.yml").write_text(config)
-    env = dict(engine.env, SPARSEPS_IMAGE=images, SPARSEPS_CI_TRAIN_STEPS="300",   # several scrapes long SPARSEPS_CI_PROMETHEUS_IMAGE=PROMETHEUS_IMAGE,
+    env = dict(engine.env, SPARSEPS_IMAGE=images, SPARSEPS_CI_TRAIN_STEPS="300",   # several scrapes long
+               SPARSEPS_CI_PROMETHEUS_IMAGE=PROMETHEUS_IMAGE,
                SPARSEPS_CI_PROMETHEUS_CONFIG=str(tmp_path / "prometheus.yml"),
                SPARSEPS_CI_PROMETHEUS_PORT=str(ports["PROMETHEUS"]),
                **{f"SPARSEPS_CI_{k}_PORT": str(v) for k, v in ports.items() if k != "PROMETHEUS"})
@@ -340,20 +347,52 @@ def test_compose_cluster_trains_and_prometheus_sees_every_shard(engine, images, 
             assert time.monotonic() < deadline, up
             time.sleep(0.5)
 
+        # A client on the host (what a trainer outside the cluster would be) gets the shards'
+        # advertised data ports and reaches them; it pulls over them while the trainers train.
+        import numpy as np
+
+        import sparseps
+        grpc_addresses = f"127.0.0.1:{ports['SHARD0']},127.0.0.1:{ports['SHARD1']}"
+        client = sparseps.connect(grpc_addresses, data_plane=True, timeout=30)
+        assert client.data_plane == [f"127.0.0.1:{ports['SHARD0_DATA']}", f"127.0.0.1:{ports['SHARD1_DATA']}"], \
+            (client.data_plane, [i.data_port for i in client.server_info])
+
         t = time.monotonic()
         c("up", "-d", "trainer")
         deadline = time.monotonic() + 180
+        seen = []   # optimizer iterations at each pull the host made while both trainers were running
         while True:
             trainers = containers("trainer")
             if len(trainers) == 2 and all(x["State"] == "exited" for x in trainers):
                 break
             assert time.monotonic() < deadline, c("logs", "--no-color", "--tail", "30", "trainer").stdout
-            time.sleep(1)
+            if len(trainers) == 2 and all(x["State"] == "running" for x in trainers):
+                try:
+                    rows = client.pull("ci_items", np.arange(0, 5000, 7))
+                    assert rows.shape == (715, 16) and np.isfinite(rows).all()
+                    seen.append(client.optimizer("ci_opt").iterations)
+                except sparseps.errors.NotFound:
+                    pass   # the trainers have not created the tables yet
+            time.sleep(0.2)   # training itself takes a few seconds
         logs = c("logs", "--no-color", "trainer").stdout
         assert [x["ExitCode"] for x in trainers] == [0, 0], logs[-4000:]
         assert logs.count("training loss") == 2, logs[-4000:]
+        assert "data plane unreachable" not in logs, logs[-4000:]
         summary = [line.split("|", 1)[-1].strip() for line in logs.splitlines() if "trained" in line]
         log_step(f"2 trainers finished in {time.monotonic() - t:.1f} s: {summary}")
+
+        # The host's pulls overlapped training (steps were applied after one of them), went over
+        # the data plane all along, and return exactly what gRPC returns.
+        final = client.optimizer("ci_opt").iterations
+        assert seen and min(seen) < final, (seen, final)
+        assert client.data_plane == [f"127.0.0.1:{ports['SHARD0_DATA']}", f"127.0.0.1:{ports['SHARD1_DATA']}"]
+        with sparseps.connect(grpc_addresses, data_plane=False, timeout=30) as over_grpc:
+            assert over_grpc.data_plane == [None, None]
+            for name in ("ci_users", "ci_items", "ci_item_bias"):
+                np.testing.assert_array_equal(client.pull(name), over_grpc.pull(name), err_msg=name)
+        client.close()
+        log_step(f"host client: {len(seen)} data-plane pulls during training (iterations {seen[0]}..{final}), "
+                 f"the same rows as gRPC")
 
         t = time.monotonic()
         deadline = time.monotonic() + 30

@@ -293,38 +293,86 @@ def check_env(where: str, env: dict, allowed: set):
     assert not unknown, f"{where}: {unknown} are not sparseps-server flags ({sorted(allowed)})"
 
 
+def valid_data_port(where: str, value) -> int:
+    """A deployment's --data-port: accepted by the server's real parser, and a fixed port. 0 (the
+    server's default) would pick a random port that nothing can publish or allow through a
+    firewall; -1 turns the data plane off, which a deployment should not do by accident."""
+    from sparseps.server.main import build_parser
+    try:
+        port = build_parser().parse_args(["--data-port", str(value)]).data_port
+    except SystemExit:
+        raise AssertionError(f"{where}: --data-port {value!r} is refused by sparseps-server") from None
+    assert 1024 <= port <= 65535, f"{where}: --data-port {port} is not a fixed unprivileged port"
+    return port
+
+
+def published(svc: dict) -> dict:
+    """{container port: [(host ip, host port)]} of a compose service's published ports."""
+    out = {}
+    for p in svc.get("ports", []):
+        out.setdefault(int(p["target"]), []).append((p.get("host_ip", ""), int(p["published"])))
+    return out
+
+
 def test_flags_environment_and_ports_agree():
     flags = server_flags()
     allowed = {env_of_flag(f) for f in flags}
     assert "--metrics-port" in flags and "--metrics-host" in flags and "--data-dir" in flags
+    assert "--data-port" in flags
 
-    # Dockerfile: SPARSEPS_* are flags; EXPOSE is exactly the gRPC and metrics ports.
+    # Dockerfile: SPARSEPS_* are flags; EXPOSE is exactly the gRPC, data and metrics ports.
     denv = dockerfile_env()
     check_env("Dockerfile", denv, allowed)
     grpc_port, metrics_port = int(denv["SPARSEPS_PORT"]), int(denv["SPARSEPS_METRICS_PORT"])
+    data_port = valid_data_port("Dockerfile", denv["SPARSEPS_DATA_PORT"])
     assert grpc_port == flags["--port"], "the image keeps the server's default gRPC port"
-    exposed = {int(p) for p in re.findall(r"^EXPOSE (.+)$", (ROOT / "Dockerfile").read_text(), re.M)[0].split()}
-    assert exposed == {grpc_port, metrics_port}
+    assert len({grpc_port, data_port, metrics_port}) == 3, (grpc_port, data_port, metrics_port)
+    exposed = [int(p) for p in re.findall(r"^EXPOSE (.+)$", (ROOT / "Dockerfile").read_text(), re.M)[0].split()]
+    assert sorted(exposed) == sorted({grpc_port, data_port, metrics_port})
     from sparseps.server import healthcheck
     assert "SPARSEPS_PORT" in Path(healthcheck.__file__).read_text(), "the HEALTHCHECK follows SPARSEPS_PORT"
 
     demo = demo_flags()
+    compose_data_ports = []
     for files, ports_of in (((COMPOSE,), None), ((COMPOSE, COMPOSE_CI), "ci")):
         cfg = compose_config(*files, profiles=["grafana"])["services"]
         shards = sorted(s for s in cfg if s.startswith("shard"))
         addresses = []
+        host_ports = []   # every port bound on the host: published ones, or all of them on the host network
         for k, name in enumerate(shards):
             svc = cfg[name]
             env = svc["environment"]
-            check_env(f"{files[-1].name}:{name}", env, allowed)
+            where = f"{files[-1].name}:{name}"
+            check_env(where, env, allowed)
             assert env["SPARSEPS_SHARD_INDEX"] == str(k) and env["SPARSEPS_NUM_SHARDS"] == str(len(shards))
             assert env["SPARSEPS_DATA_DIR"] == "/data"
             port = int(env.get("SPARSEPS_PORT", grpc_port))
+            # Each shard declares its data port: it is advertised as the container's port and the
+            # client dials it on the gRPC address's host, so it must be unique on that host.
+            assert "SPARSEPS_DATA_PORT" in env, f"{where}: no explicit data port"
+            data = valid_data_port(where, env["SPARSEPS_DATA_PORT"])
+            shard_metrics = int(env.get("SPARSEPS_METRICS_PORT", metrics_port))
+            assert len({port, data, shard_metrics}) == 3, (where, port, data, shard_metrics)
             host = "127.0.0.1" if ports_of else name
             addresses.append(f"{host}:{port}")
-            if not ports_of:
-                assert {int(p["target"]) for p in svc["ports"]} == {grpc_port}, f"{name} publishes its gRPC port"
+            if ports_of:
+                host_ports += [port, data, shard_metrics]
+            else:
+                pub = published(svc)
+                assert set(pub) == {grpc_port, data}, f"{where} publishes its gRPC and data ports: {pub}"
+                assert data != grpc_port and port == grpc_port
+                # host port == container port for the data plane (the advertised number), on the
+                # same interface as gRPC, so a client on the host reaches both
+                assert pub[data] == [(ip, data) for ip, _ in pub[grpc_port]], f"{where}: data port mapping {pub}"
+                host_ports += [hp for mappings in pub.values() for _, hp in mappings]
+                compose_data_ports.append(data)
             assert svc["healthcheck"]["test"][1:4] == ["python3", "-m", "sparseps.server.healthcheck"]
+        if ports_of:
+            prom_listen = re.search(r"--web.listen-address=\S*:(\d+)", " ".join(cfg["prometheus"]["command"]))
+            host_ports.append(int(prom_listen.group(1)))
+        else:
+            host_ports += [int(p["published"]) for n in cfg if not n.startswith("shard") for p in cfg[n].get("ports", [])]
+        assert len(host_ports) == len(set(host_ports)), f"{files[-1].name}: a host port is used twice {sorted(host_ports)}"
         for name in shards:
             assert cfg[name]["environment"]["SPARSEPS_CLUSTER"] == ",".join(addresses), name
         trainer = cfg["trainer"]["command"]
@@ -354,8 +402,11 @@ def test_flags_environment_and_ports_agree():
     check_env("statefulset.yaml", env, allowed)
     assert "SPARSEPS_SHARD_INDEX" in allowed and "SPARSEPS_SHARD_INDEX" in " ".join(shard["command"])
     ports = {p["name"]: p["containerPort"] for p in shard["ports"]}
-    assert ports == {"grpc": grpc_port, "metrics": metrics_port}
+    assert ports == {"grpc": grpc_port, "data": data_port, "metrics": metrics_port}
     assert int(env["SPARSEPS_PORT"]) == grpc_port and int(env["SPARSEPS_METRICS_PORT"]) == metrics_port
+    assert valid_data_port("statefulset.yaml", env["SPARSEPS_DATA_PORT"]) == data_port
+    svc_ports = {p["name"]: p["port"] for p in svc["spec"]["ports"]}
+    assert svc_ports == ports, "the Service declares every container port, data included"
     replicas = sts["spec"]["replicas"]
     cluster = ",".join(f"{sts['metadata']['name']}-{i}.{svc['metadata']['name']}:{grpc_port}" for i in range(replicas))
     assert env["SPARSEPS_NUM_SHARDS"] == str(replicas) and env["SPARSEPS_CLUSTER"] == cluster
@@ -370,5 +421,16 @@ def test_flags_environment_and_ports_agree():
     gpu = yaml.safe_load((K8S_GPU / "gpu-shards.yaml").read_text())
     genv = {e["name"]: e["value"] for e in gpu["spec"]["template"]["spec"]["containers"][0]["env"]}
     check_env("gpu-shards.yaml", genv, allowed)
+    assert "SPARSEPS_DATA_PORT" not in genv and "ports" not in gpu["spec"]["template"]["spec"]["containers"][0], \
+        "the GPU overlay keeps the base's ports"
     assert genv["SPARSEPS_BACKEND"] in re.search(r"\{([a-z,]+)\}",
                                                  run(sys.executable, "-m", "sparseps.server", "--help").stdout).group(1)
+
+    # docs/deploy.md names the same ports, the variable, and how to turn the data plane off.
+    docs = (ROOT / "docs" / "deploy.md").read_text()
+    ports_line = re.search(r"^Ports: (.+?)(?:\n\n|\.\s)", docs, re.M | re.S).group(1)
+    for what, number in (("gRPC", grpc_port), ("data", data_port), ("metrics", metrics_port)):
+        assert re.search(rf"{what}[^*,]*\*\*{number}\*\*", ports_line), (what, number, ports_line)
+    for number in compose_data_ports:
+        assert f"127.0.0.1:{number}" in docs or f"{number}:{number}" in docs, f"docs/deploy.md: compose data port {number}"
+    assert "SPARSEPS_DATA_PORT" in docs and "--data-port -1" in docs
