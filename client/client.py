@@ -162,9 +162,15 @@ class Client:
         if data_plane is None:
             data_plane = os.environ.get("SPARSEPS_DATA_PLANE", "1") != "0"
         self._data = [None] * n
-        if data_plane:
-            self._data = [self._data_channel(a, i, token, explicit_credentials, (tls_ca, tls_cert, tls_key),
-                                             server_name) for a, i in zip(self.addresses, self.server_info)]
+        if data_plane:   # probed in parallel: a firewalled port costs one connect timeout, not one per shard
+            def probe(k):
+                self._data[k] = self._data_channel(self.addresses[k], self.server_info[k], token, explicit_credentials,
+                                                   (tls_ca, tls_cert, tls_key), server_name)
+            probes = [threading.Thread(target=probe, args=(k,)) for k in range(n)]
+            for t in probes:
+                t.start()
+            for t in probes:
+                t.join()
         self._layouts: dict[str, tuple] = {}
         self._clip_configs: dict[str, tuple] = {}
 

@@ -72,9 +72,9 @@ class DataChannel:
         return f"DataChannel({self.host}:{self.port}{' tls' if self.tls else ''})"
 
     # ------------------------------------------------------------------ connections
-    def _open(self):
+    def _open(self, connect_timeout: float = 10.0):
         try:
-            sock = socket.create_connection((self.host, self.port), timeout=10)
+            sock = socket.create_connection((self.host, self.port), timeout=connect_timeout)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self.tls is not None:
                 sock = self.tls.wrap_socket(sock, server_hostname=self.server_name)
@@ -91,7 +91,7 @@ class DataChannel:
 
     def probe(self):
         """Open and keep one connection; raises Unavailable (or the HELLO's error) if the port is unusable."""
-        self._release(self._open())
+        self._release(self._open(connect_timeout=3.0))
 
     def _borrow(self):
         with self._lock:

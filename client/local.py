@@ -18,7 +18,7 @@ class LocalServer:
         self.log_path = log_path or os.path.join(self._dir, "server.log")
         self._log = open(self.log_path, "ab")
         cmd = [sys.executable, "-m", "sparseps.server", "--host", "127.0.0.1", "--port", str(port),
-               "--port-file", port_file, *args]
+               "--data-port", "0", "--port-file", port_file, *args]
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
                                      env=dict(os.environ, **(env or {})))
         self.pid = self.proc.pid
