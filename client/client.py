@@ -182,14 +182,18 @@ class Client:
         if info.data_tls:
             if explicit_credentials or not any(tls_files):
                 return None   # TLS given as opaque gRPC credentials: only gRPC can use them
-            tls = client_tls_context(*tls_files)
+            try:
+                tls = client_tls_context(*tls_files)
+            except (OSError, ValueError) as e:
+                log.warning("shard %s: cannot use the TLS files for the data plane (%s); using gRPC", address, e)
+                return None
         elif any(tls_files) or explicit_credentials:
             return None       # never send over plain TCP what the caller wanted encrypted
         channel = DataChannel(host_of(address), info.data_port, tls=tls, server_name=server_name, token=token,
                               timeout=self.timeout)
         try:
             channel.probe()
-        except errors.Unavailable as e:
+        except (errors.Error, OSError) as e:
             log.warning("shard %s: data plane unreachable (%s); using gRPC for pulls and pushes", address, e)
             return None
         return channel
