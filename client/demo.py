@@ -337,6 +337,8 @@ def _train(client, args):
     print(f"{n_train:,} training clicks in {args.epochs} epoch(s) of {steps_per_epoch} steps x {args.batch}, "
           f"{args.workers} worker(s), tables {args.users:,}x{args.dim} and {args.items:,}x{args.dim} "
           f"on {','.join(client.addresses)}")
+    print("rows travel on the data plane: " + ", ".join(d or f"{a} (gRPC)" for a, d in zip(client.addresses,
+                                                                                         client.data_plane)))
     epochs, losses = [], {}
 
     def report(kind, payload, k=0):
