@@ -1,4 +1,4 @@
-"""The raw gRPC ceiling that sparseps-server is compared against: a service that does nothing.
+"""The raw ceilings that sparseps-server is compared against: services that do nothing.
 
 Same transport set-up as `sparseps-server` (server/main.py): sync `grpc.server` with a
 ThreadPoolExecutor of the same size, the same message-size options, and the same glibc malloc
@@ -10,17 +10,29 @@ Methods (all under /echo.Echo/):
     Stream(stream bytes) -> count (8 B)    client-streaming: any number of messages, one ack
     Fetch(8-byte little-endian n) -> n B   a pull-shaped call: tiny request, n bytes back
 
-    python bench/echo_server.py --port 0 --port-file /tmp/p      # prints nothing; serves until SIGTERM
+With `--raw-tcp` the process is instead the data plane's ceiling: a plain TCP listener that
+speaks the data-plane framing (client/frames.py: header `<4s B B H I Q>`, meta, payload), one
+thread per connection as server/dataplane.py, TCP_NODELAY, the same malloc environment. Per frame
+it reads the header, then meta + payload with recv_into into one preallocated numpy buffer (grown
+when a frame is larger), and nothing else: no protobuf, no arrays.
+    Push / PushPull / any method -> a header-only answer (meta b"ok", no payload)
+    Pull with an 8-byte little-endian meta n -> a frame with n payload bytes (the pull-shaped call)
+
+    python bench/echo_server.py --port 0 --port-file /tmp/p              # gRPC; serves until SIGTERM
+    python bench/echo_server.py --raw-tcp --port 0 --port-file /tmp/p    # raw TCP frames
 """
 import argparse
 import os
 import signal
+import socket
 import sys
 import threading
 from concurrent import futures
 
 import grpc
+import numpy as np
 
+from sparseps import frames
 from sparseps.server.main import MALLOC_ENV
 
 SERVICE = "echo.Echo"
@@ -64,6 +76,71 @@ def build_server(host: str, port: int, threads: int, max_message_mb: int):
     return server, bound
 
 
+class RawEcho:
+    """The data-plane ceiling: frames in, a tiny frame out, over plain TCP."""
+
+    def __init__(self, host: str, port: int):
+        self.listener = socket.create_server((host, port), backlog=128, reuse_port=False)
+        self.port = self.listener.getsockname()[1]
+        self._stopping = False
+        self._blobs = {}
+        self._lock = threading.Lock()
+
+    def start(self):
+        threading.Thread(target=self._accept, name="raw-accept", daemon=True).start()
+        return self
+
+    def stop(self):
+        self._stopping = True
+        try:
+            self.listener.close()
+        except OSError:
+            pass
+
+    def _accept(self):
+        while not self._stopping:
+            try:
+                sock, peer = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(sock,), name=f"raw-{peer[1]}", daemon=True).start()
+
+    def _blob(self, n: int) -> np.ndarray:
+        with self._lock:
+            b = self._blobs.get(n)
+            if b is None:
+                b = self._blobs[n] = np.frombuffer(os.urandom(n), np.uint8)
+        return b
+
+    def _serve(self, sock):
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            head = bytearray(frames.HEADER.size)
+            hv = memoryview(head)
+            buf = np.empty(1 << 20, np.uint8)
+            while not self._stopping:
+                if not frames.recv_exact(sock, hv):
+                    return
+                method, _, meta_len, payload_len = frames.parse_header(head)
+                n = meta_len + payload_len
+                if n > len(buf):
+                    buf = np.empty(max(n, 2 * len(buf)), np.uint8)
+                if n:
+                    frames.recv_exact(sock, memoryview(buf)[:n]) or _short()
+                if method == frames.PULL and meta_len == 8:
+                    frames.send_frame(sock, method, 0, b"", (self._blob(int.from_bytes(buf[:8].tobytes(), "little")),))
+                else:
+                    sock.sendall(frames.header(method, 0, len(ACK), 0) + ACK)
+        except (ConnectionError, ValueError, OSError):
+            pass
+        finally:
+            sock.close()
+
+
+def _short():
+    raise ConnectionError("connection closed inside a frame")
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -73,6 +150,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=16, help="as sparseps-server --threads (default 16)")
     p.add_argument("--max-message-mb", type=int, default=256, help="as sparseps-server (default 256)")
     p.add_argument("--no-malloc-tuning", action="store_true", help="as sparseps-server: keep glibc defaults")
+    p.add_argument("--raw-tcp", action="store_true", help="the data plane's ceiling: raw TCP frames, no gRPC")
     args = p.parse_args(argv)
     if not args.no_malloc_tuning and any(k not in os.environ for k in MALLOC_ENV):
         os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *argv], dict(os.environ, **MALLOC_ENV))
@@ -81,8 +159,12 @@ def main(argv=None):
             if k in os.environ:
                 env = {k2: v for k2, v in os.environ.items() if k2 not in MALLOC_ENV}
                 os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *argv], env)
-    server, port = build_server(args.host, args.port, args.threads, args.max_message_mb)
-    server.start()
+    if args.raw_tcp:
+        server = RawEcho(args.host, args.port).start()
+        port = server.port
+    else:
+        server, port = build_server(args.host, args.port, args.threads, args.max_message_mb)
+        server.start()
     if args.port_file:
         tmp = args.port_file + ".tmp"
         with open(tmp, "w") as f:
@@ -92,7 +174,10 @@ def main(argv=None):
     signal.signal(signal.SIGTERM, lambda *a: stop.set())
     signal.signal(signal.SIGINT, lambda *a: stop.set())
     stop.wait()
-    server.stop(grace=1).wait()
+    if args.raw_tcp:
+        server.stop()
+    else:
+        server.stop(grace=1).wait()
     return 0
 
 
