@@ -2,13 +2,16 @@
 
 For each step the test pushes the reference's gradients with the public client and compares every
 variable and every optimizer slot (and the iteration count) with what the reference computed.
-Runs on each backend and on a 1-shard and a 3-shard cluster.
+Runs on each backend and on a 1-shard and a 3-shard cluster, over the data plane (the default
+client), and on the numba backend over gRPC as well (a client with data_plane=False).
 """
 import json
+import os
 
 import numpy as np
 import pytest
 
+import sparseps
 from golden import Golden, assert_close, cases
 
 CASES = [p for p in cases() if not p.stem.startswith("keras_mf")]
@@ -44,6 +47,26 @@ def replay(client, g: Golden, prefix: str, check_every_step=True):
 
 @pytest.mark.parametrize("path", CASES, ids=[p.stem for p in CASES])
 def test_matches_reference(client, path, unique):
+    if os.environ.get("SPARSEPS_DATA_PLANE", "1") != "0":
+        assert all(client.data_plane), "the fixture's pulls and pushes should travel on the data plane"
+    check_reference(client, path, unique)
+
+
+@pytest.fixture(scope="module")
+def grpc_client(numba_server):
+    """Pulls and pushes over gRPC (data_plane=False), so both transports meet the reference."""
+    c = sparseps.connect(numba_server.address, data_plane=False)
+    yield c
+    c.close()
+
+
+@pytest.mark.parametrize("path", CASES, ids=[p.stem for p in CASES])
+def test_matches_reference_over_grpc(grpc_client, path, unique):
+    assert grpc_client.data_plane == [None]
+    check_reference(grpc_client, path, unique)
+
+
+def check_reference(client, path, unique):
     g = Golden(path)
     opt, names = replay(client, g, unique)
     assert sorted(opt.get_slot_names()) == sorted(g.meta["slot_names"])
