@@ -41,3 +41,32 @@ def test_push_pull_refuses_bad_input_and_changes_nothing(numba_client, unique):
     with pytest.raises(sparseps.InvalidArgument):    # a bad push refuses the call
         c.push_pull({f"{unique}_v": (np.array([9]), np.ones((1, 2), np.float32))}, {f"{unique}_v": np.array([0])})
     assert c.optimizer(f"{unique}_o").iterations == 0 and not c.pull(f"{unique}_v").any()
+
+
+def test_lazy_adam_rows_of_any_rank_on_numba(numba_client, unique):
+    """The fused LazyAdam kernel takes 2-D tables; 1-D and 3-D variables are flattened views of
+    it, so a push to them updates the variable (it used to fail with INTERNAL half-applied)."""
+    c, o = numba_client, f"{unique}_o"
+    c.create_optimizer(o, "LazyAdam", learning_rate=0.01)
+    shapes = {"e": (6, 2), "m": (6, 3, 2), "s": (6,)}
+    for k, shape in shapes.items():
+        c.create_variable(f"{unique}_{k}", initial_value=np.zeros(shape, np.float32), optimizer=o)
+    ids = np.array([5, 1, 5])
+    grads = {k: np.arange(3 * int(np.prod(shape[1:])), dtype=np.float32).reshape((3,) + shape[1:]) + 1
+             for k, shape in shapes.items()}
+    for step in range(2):
+        assert c.push({f"{unique}_{k}": (ids, g) for k, g in grads.items()}) == step + 1
+    for k, shape in shapes.items():   # Adam's first steps move every touched element by ~lr, in -sign(g)
+        got = c.pull(f"{unique}_{k}")
+        g = np.zeros(shape, np.float32)
+        np.add.at(g, ids, grads[k])
+        m = v = np.zeros(shape, np.float64)
+        var = np.zeros(shape, np.float64)
+        for t in (1, 2):
+            m = 0.9 * m + 0.1 * g * (g != 0)
+            v = 0.999 * v + 0.001 * g * g
+            lr = 0.01 * np.sqrt(1 - 0.999 ** t) / (1 - 0.9 ** t)
+            var = np.where(np.isin(np.arange(shape[0]), ids).reshape((-1,) + (1,) * (len(shape) - 1)),
+                           var - lr * m / (np.sqrt(v) + 1e-7), var)
+        np.testing.assert_allclose(got, var, rtol=1e-5, atol=1e-7, err_msg=k)
+        assert np.all(got[[0, 2, 3, 4]] == 0)

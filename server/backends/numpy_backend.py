@@ -115,7 +115,7 @@ class NumbaBackend(NumpyBackend):
     def __init__(self):
         from . import fused
         self._fused = fused
-        self._kernels = {"lazy_adam": fused.lazy_adam}
+        self._kernels = {"lazy_adam": self._lazy_adam}
         fused.warmup()   # compile (or load the cached machine code) before the first push
         self._warm_read_only(fused)
 
@@ -138,6 +138,17 @@ class NumbaBackend(NumpyBackend):
 
     def kernel(self, name):
         return self._kernels.get(name)
+
+    def _lazy_adam(self, var, m, v, ids, rows, *coefficients):
+        """The fused kernel works on 2-D tables: rows of any other rank are flattened (views, so
+        the update lands in the variable itself)."""
+        if var.ndim != 2:
+            if not (var.flags.c_contiguous and m.flags.c_contiguous and v.flags.c_contiguous):
+                raise ValueError("lazy_adam: the variable and its slots must be C-contiguous")
+            n, d = var.shape[0], int(np.prod(var.shape[1:], dtype=np.int64))
+            var, m, v = var.reshape(n, d), m.reshape(n, d), v.reshape(n, d)
+            rows = np.ascontiguousarray(rows).reshape(len(ids), d)
+        return self._fused.lazy_adam(var, m, v, ids, rows, *coefficients)
 
     def gather(self, arr, ids):
         if arr.ndim == 2 and arr.flags.c_contiguous:
