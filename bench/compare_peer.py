@@ -68,7 +68,9 @@ def main():
                         "client.push_pull: this step's push and the next step's rows in one round trip), grpc "
                         "(the client keeps pulls and pushes on gRPC: data_plane=False), mallopt (the workers "
                         "apply the server's MALLOC_ENV values to themselves with mallopt at start; the shipped "
-                        "client does this at connect), nt1 (a second server started with NUMBA_NUM_THREADS=1)")
+                        "client does this at connect), nt1 (a second server started with NUMBA_NUM_THREADS=1), "
+                        "allpar (a second server started with SPARSEPS_PARALLEL_KERNELS=always: parallel kernels "
+                        "even when requests queue)")
     p.add_argument("--peer-python", default=os.path.join(REPO, ".venv-golden", "bin", "python"))
     p.add_argument("--peer-steps", type=int, default=200)
     p.add_argument("--peer-reps", type=int, default=3)
@@ -81,11 +83,11 @@ def main():
     variants = a.variants.split(",")
     res = {"machine": machine_info(), "params": vars(a), "rounds": []}
     # a variant is a '+'-joined set of words; nt1 = the server started with NUMBA_NUM_THREADS=1
-    envs = {"": None, "nt1": {"NUMBA_NUM_THREADS": "1"}}
+    envs = {"": None, "nt1": {"NUMBA_NUM_THREADS": "1"}, "allpar": {"SPARSEPS_PARALLEL_KERNELS": "always"}}
     servers, by_env = [], {}
 
     def server_tag(v):
-        return "nt1" if "nt1" in v.split("+") else ""
+        return next((w for w in v.split("+") if w in envs), "")
     try:
         for v in variants:
             tag = server_tag(v)

@@ -160,7 +160,8 @@ class DataPlane:
                 raise _Refusal(grpc.StatusCode.INVALID_ARGUMENT,
                                f"{name}: the request body is not a valid {frames.REQUESTS[method].__name__} "
                                f"({meta_len} bytes): {type(e).__name__}: {e}")
-            answer, arrays = self._call(method, request, payload)
+            with svc.serving():
+                answer, arrays = self._call(method, request, payload)
         except _Refusal as r:
             svc.observe_error(name, r.code)
             self._error(sock, method, r.code, r.message)

@@ -3,6 +3,7 @@
 Nothing here owns state. Decoding (bytes -> numpy views) happens outside the shard lock, so
 several requests can be received and checked while one step is being applied.
 """
+import contextlib
 import json
 import logging
 import math
@@ -102,6 +103,7 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
         self.pushes = pushes if pushes is not None else PushPipeline(shard)  # every state change goes here
         self._waiting = 0
         self._waiting_lock = threading.Lock()
+        self._active = 0   # pulls and pushes being served right now (both transports)
 
     # ---- metrics hooks (no-ops without metrics) ----
     def observe_start(self, method):
@@ -188,7 +190,23 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
     @_handler
     def Pull(self, request, context):
         ids = from_tensor(request.ids, "pull ids") if request.HasField("ids") else None
-        return self._pull_response(*self.pull(request, ids, context.time_remaining()))
+        with self.serving():
+            return self._pull_response(*self.pull(request, ids, context.time_remaining()))
+
+    @contextlib.contextmanager
+    def serving(self):
+        """Count a pull/push in progress; kernels run on several cores only when it is alone."""
+        with self._waiting_lock:
+            self._active += 1
+            alone = self._active == 1
+        parallel = getattr(self.shard.bk, "parallel", None)
+        if parallel is not None:
+            parallel(alone)
+        try:
+            yield
+        finally:
+            with self._waiting_lock:
+                self._active -= 1
 
     def pull(self, request, ids, remaining=None):
         """A pull, after any wait it asks for: (values, global ids of a range pull or None, iterations)."""
@@ -258,14 +276,17 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
 
     @_handler
     def Push(self, request, context):
-        return self.push(request, self.decode_gradients(request))
+        grads = self.decode_gradients(request)
+        with self.serving():
+            return self.push(request, grads)
 
     @_handler
     def PushPull(self, request, context):
         grads = self.decode_gradients(request.push)
         pull_ids = [from_tensor(q.ids, f"push_pull ids of {q.variable!r}") if q.HasField("ids") else None
                     for q in request.pulls]
-        pushed, pulls = self.push_pull(request, grads, pull_ids)
+        with self.serving():
+            pushed, pulls = self.push_pull(request, grads, pull_ids)
         return pb.PushPullResponse(push=pushed, pulls=[self._pull_response(*p) for p in pulls])
 
     def push_pull(self, request, grads, pull_ids):

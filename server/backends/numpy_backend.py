@@ -4,6 +4,8 @@ The generic optimizer math runs as numpy expressions in the variable's dtype; sc
 numpy scalars of that dtype, so float32 stays float32 and every elementwise operation rounds the
 way TensorFlow's CPU kernels do. `NumbaBackend` adds fused per-row kernels for the hot paths.
 """
+import os
+
 import numpy as np
 
 from sparseps.reductions import eigen_sum
@@ -12,6 +14,9 @@ from sparseps.reductions import eigen_sum
 class NumpyBackend:
     name = "numpy"
     device = "cpu"
+
+    def parallel(self, wanted: bool):
+        """Whether this thread's next kernels may use several cores (numba only)."""
 
     # ---- storage ----
     def zeros(self, shape, dtype):
@@ -116,6 +121,8 @@ class NumbaBackend(NumpyBackend):
         from . import fused
         self._fused = fused
         self._kernels = {"lazy_adam": self._lazy_adam}
+        # SPARSEPS_PARALLEL_KERNELS=always: every request may use all numba threads (see parallel())
+        self._always_parallel = os.environ.get("SPARSEPS_PARALLEL_KERNELS", "auto") == "always"
         fused.warmup()   # compile (or load the cached machine code) before the first push
         self._warm_read_only(fused)
 
@@ -138,6 +145,15 @@ class NumbaBackend(NumpyBackend):
 
     def kernel(self, name):
         return self._kernels.get(name)
+
+    def parallel(self, wanted: bool):
+        """Parallel kernels shorten one request but cost ~40 % more CPU per row (thread wake-ups);
+        when requests queue at the shard, the cores are better spent on them than on that.
+        numba's thread count is per calling thread, so this only affects the caller's kernels."""
+        import numba
+        if self._always_parallel:
+            wanted = True
+        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS if wanted else 1)
 
     def _lazy_adam(self, var, m, v, ids, rows, *coefficients):
         """The fused kernel works on 2-D tables: rows of any other rank are flattened (views, so
