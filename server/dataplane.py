@@ -8,6 +8,7 @@ connections per shard. Tokens (a HELLO frame first), roles, TLS and the memory b
 on the gRPC port.
 """
 import logging
+import os
 import socket
 import ssl
 import threading
@@ -37,6 +38,9 @@ class DataPlane:
                  budget=None, max_message: int = 256 << 20):
         self.service, self.tls, self.auth, self.budget = service, tls, auth, budget
         self.max_message = max_message
+        # seconds without a byte in the middle of a frame before the connection is dropped (its
+        # budget released, nothing applied); SPARSEPS_FRAME_TIMEOUT_S
+        self.frame_timeout = float(os.environ.get("SPARSEPS_FRAME_TIMEOUT_S", "60"))
         self._listener = socket.create_server((host, port), backlog=128, reuse_port=False)
         self.port = self._listener.getsockname()[1]
         self._conns: dict = {}   # socket -> busy flag
@@ -101,7 +105,9 @@ class DataPlane:
                     return
                 with self._lock:
                     self._conns[sock] = True
+                sock.settimeout(self.frame_timeout)   # a sender that stalls mid-frame loses the connection
                 role = self._frame(sock, bytes(head), role)
+                sock.settimeout(None)                 # an idle pooled connection may wait for ever
                 with self._lock:
                     self._conns[sock] = False
         except (ConnectionError, ValueError, OSError, ssl.SSLError) as e:

@@ -646,6 +646,34 @@ def test_memory_budget_sheds_an_over_budget_frame_and_the_connection_serves_on()
         assert c.push({"emb": (np.arange(1000) % 400, np.ones((1000, 64), np.float32))}) == 4
 
 
+def test_a_sender_stalled_mid_frame_is_dropped_and_its_budget_released():
+    """SPARSEPS_FRAME_TIMEOUT_S: a frame whose bytes stop coming loses its connection; nothing of it
+    is applied, the memory it reserved is free again, and an idle connection is not dropped."""
+    with LocalServer("--backend", "numpy", "--memory-budget-mb", "1", "--no-malloc-tuning",
+                     env={"SPARSEPS_FRAME_TIMEOUT_S": "1"}) as srv, \
+            sparseps.connect(srv.address, data_plane=False, timeout=10, retry_deadline=5) as admin_c, \
+            sparseps.connect(srv.address, timeout=10, retry_deadline=5) as c:
+        admin_c.create_optimizer("lazy", "LazyAdam", learning_rate=0.1)
+        admin_c.create_variable("emb", initial_value=np.ones((400, 64), np.float32), optimizer="lazy")
+        before = admin_c.pull("emb")
+        port = data_port(c)
+        slow_req, slow_arrays = push_msg([("emb", np.arange(3500) % 400, np.ones((3500, 64), np.float32))])
+        slow_payload = b"".join(a.tobytes() for a in slow_arrays)   # 0.88 MiB of the 1 MiB budget
+        with Conn(port) as slow, Conn(port) as idle:
+            slow.send_raw(frames.PUSH, slow_req.SerializeToString(), slow_payload[:1000],
+                          payload_len=len(slow_payload))
+            time.sleep(2.5)          # more than the frame timeout, for both connections
+            assert slow.closed()     # the stalled frame's connection was dropped
+            # its 0.88 MiB are free again: a 0.25 MiB push is admitted, on the connection idle all along
+            big = push_msg([("emb", np.arange(1000) % 100, np.ones((1000, 64), np.float32))])
+            msg, _ = decoded(idle.call(frames.PUSH, *big), frames.PUSH)
+            assert msg.iterations[0].iterations == 1   # the stalled push was never applied
+        after = admin_c.pull("emb")
+        np.testing.assert_array_equal(after[100:], before[100:])   # rows only the stalled push had
+        assert np.all(after[:100] < before[:100])
+        assert admin_c.optimizer("lazy").iterations == 1
+
+
 # ---------------------------------------------------------------------------- 6. restart on a new data port
 def test_restart_on_a_new_data_port_loses_and_duplicates_nothing(tmp_path):
     srv = LocalServer("--backend", "numpy", "--data-dir", str(tmp_path), "--no-malloc-tuning")
