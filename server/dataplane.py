@@ -21,6 +21,7 @@ from sparseps import errors, frames
 from sparseps.proto import sparseps_pb2 as pb
 
 from .auth import METHOD_ROLES, RANK
+from .pushes import frame_record
 
 log = logging.getLogger("sparseps.server")
 
@@ -202,7 +203,8 @@ class DataPlane:
         """(answer message with its tensors left empty, arrays of its payload)."""
         from .service import ParameterServerService as S
         svc = self.service
-        arrays = frames.views(payload, frames.layout(request, len(payload)))
+        spec = frames.layout(request, len(payload))
+        arrays = frames.views(payload, spec)
         if method == frames.PULL:
             ids = arrays[0] if request.HasField("ids") else None
             values, gids, its = svc.pull(request, ids)
@@ -210,14 +212,18 @@ class DataPlane:
                                    ids=_described(gids) if gids is not None else None), \
                 [values] + ([gids] if gids is not None else [])
         push = request if method == frames.PUSH else request.push
+        record = None
         if self._needs_bytes(push):
-            frames.reattach(push, arrays)   # logged or kept for a sync step: the record holds the rows
+            frames.reattach(push, arrays)   # kept for a sync step: its prepared request holds the rows
+        elif svc.pushes.wal is not None:     # logged as received: the push's message and its bytes
+            n = sum(1 for _ in frames.tensors(push))
+            record = frame_record(push, payload[:spec[n][2]] if n < len(spec) else payload)
         it = iter(arrays)
         grads = S.decode_gradients(push, it)
         if method == frames.PUSH:
-            return svc.push(request, grads), []
+            return svc.push(request, grads, record), []
         pull_ids = [next(it) if q.HasField("ids") else None for q in request.pulls]
-        pushed, pulls = svc.push_pull(request, grads, pull_ids)
+        pushed, pulls = svc.push_pull(request, grads, pull_ids, record)
         out, arrays = pb.PushPullResponse(push=pushed), []
         for values, gids, its in pulls:
             out.pulls.add(iterations=its, values=_described(values))
@@ -229,8 +235,6 @@ class DataPlane:
 
     def _needs_bytes(self, push) -> bool:
         pipeline = self.service.pushes
-        if pipeline.wal is not None:
-            return True
         if pipeline.sync is None:
             return False
         shard = self.service.shard

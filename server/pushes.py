@@ -10,6 +10,7 @@ retry of a push that was already applied gets the original answer and applies no
 """
 import collections
 import logging
+import struct
 import threading
 import time
 
@@ -25,6 +26,31 @@ MAX_CLIENTS = 100_000  # remembered clients (least recently used forgotten first
 
 # Log record kinds: the first byte of each write-ahead-log payload.
 PUSH, CREATE_OPTIMIZER, CREATE_VARIABLE, SET_WEIGHTS = b"P", b"O", b"V", b"W"
+# A data-plane push: [u32 length of the PushRequest][the PushRequest, tensors without bytes][the
+# tensors' bytes in frames.tensors() order], logged from the received buffer without re-encoding.
+FRAME_PUSH = b"F"
+_U32 = struct.Struct("<I")
+
+
+def frame_record(request: "pb.PushRequest", payload) -> list:
+    """The log record parts of a data-plane push (request: its tensors' bytes left out)."""
+    meta = request.SerializeToString()
+    return [FRAME_PUSH + _U32.pack(len(meta)) + meta, payload]
+
+
+def _frame_gradients(payload: bytes):
+    """(PushRequest, [(variable, ids, values, l2sum)]) of a FRAME_PUSH record's payload."""
+    import numpy as np
+    from sparseps import frames
+    n = _U32.unpack_from(payload, 0)[0]
+    request = pb.PushRequest.FromString(payload[4:4 + n])
+    buf = np.frombuffer(payload, np.uint8, offset=4 + n)
+    arrays = iter(frames.views(buf, frames.layout(request, len(buf))))
+    grads = []
+    for g in request.gradients:
+        ids = next(arrays) if g.HasField("ids") else None
+        grads.append((g.variable, ids, next(arrays), g.l2sum if g.HasField("l2sum") else None))
+    return request, grads
 
 
 def _create_optimizer(shard, request):
@@ -103,7 +129,9 @@ class PushPipeline:
             pb.OptimizerIterations(optimizer=k, iterations=v) for k, v in iterations.items()])
 
     # ------------------------------------------------------------------ the push path
-    def push(self, request, gradients, received: float, context=None) -> "pb.PushResponse":
+    def push(self, request, gradients, received: float, record=None) -> "pb.PushResponse":
+        """record: the log record's parts when the caller has them (a data-plane push, frame_record);
+        otherwise the request is serialized into the log."""
         key = (request.client_id, request.sequence) if request.client_id else None
         if key is not None:
             hit = self._remembered(*key)
@@ -112,7 +140,8 @@ class PushPipeline:
         by_opt = self.shard.decode_push(gradients, list(request.optimizers))
         if self.sync is not None and self.sync.handles(by_opt):
             return self.sync.push(request, by_opt, received)
-        payload = request.SerializeToString() if self.wal is not None else None
+        if self.wal is not None and record is None:
+            record = [PUSH + request.SerializeToString()]
         queued = time.perf_counter()
         with self.shard.lock:
             if key is not None:
@@ -120,7 +149,7 @@ class PushPipeline:
                 if hit is not None:
                     return self._duplicate(hit)
             started = time.perf_counter()
-            lsn = self.wal.append(PUSH + payload) if self.wal is not None else 0
+            lsn = self.wal.append(*record) if self.wal is not None else 0
             iterations = self.shard.apply(by_opt)
             if self.sync is not None and request.worker_id:
                 self.sync.applied(request, by_opt)   # bounded staleness: the worker's clock
@@ -169,15 +198,18 @@ class PushPipeline:
         count = 0
         for lsn, payload in self.wal.replay(after_lsn):
             kind, payload = payload[:1], payload[1:]
-            if kind != PUSH:
+            if kind == FRAME_PUSH:
+                request, grads = _frame_gradients(payload)
+            elif kind == PUSH:
+                request = pb.PushRequest.FromString(payload)
+                grads = []
+                for g in request.gradients:
+                    ids = from_tensor(g.ids) if g.HasField("ids") else None
+                    grads.append((g.variable, ids, from_tensor(g.values), g.l2sum if g.HasField("l2sum") else None))
+            else:
                 cls, fn = KINDS[kind]
                 fn(self.shard, cls.FromString(payload))
                 continue
-            request = pb.PushRequest.FromString(payload)
-            grads = []
-            for g in request.gradients:
-                ids = from_tensor(g.ids) if g.HasField("ids") else None
-                grads.append((g.variable, ids, from_tensor(g.values), g.l2sum if g.HasField("l2sum") else None))
             try:
                 by_opt = self.shard.decode_push(grads, list(request.optimizers))
             except errors.Error as e:   # cannot happen for a record that was accepted once

@@ -264,11 +264,12 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
             grads.append((g.variable, ids, values, g.l2sum if g.HasField("l2sum") else None))
         return grads
 
-    def push(self, request, grads) -> "pb.PushResponse":
+    def push(self, request, grads, record=None) -> "pb.PushResponse":
+        """record: the write-ahead-log record's parts, when the transport already has them."""
         received = time.perf_counter()
         if self.metrics is not None:
             self.metrics.push_received(grads)
-        resp = self.pushes.push(request, grads, received)
+        resp = self.pushes.push(request, grads, received, record)
         if self.metrics is not None:   # received -> applied (and durable), answer ready
             self.metrics.push_answered([o.optimizer for o in resp.iterations], time.perf_counter() - received,
                                        stale=resp.stale, duplicate=resp.duplicate)
@@ -289,7 +290,7 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
             pushed, pulls = self.push_pull(request, grads, pull_ids)
         return pb.PushPullResponse(push=pushed, pulls=[self._pull_response(*p) for p in pulls])
 
-    def push_pull(self, request, grads, pull_ids):
+    def push_pull(self, request, grads, pull_ids, record=None):
         """Push, then pull: the rows returned already include this push's update."""
         for q in request.pulls:
             if q.min_iterations or q.worker_id:
@@ -306,7 +307,7 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
             var = self.shard.variable(q.variable)
             if ids is not None:
                 var.local_ids(ids, "push_pull")
-        pushed = self.push(request.push, grads)
+        pushed = self.push(request.push, grads, record)
         pulls = [self._pull(q.variable, ids, q.slot, q.row_start, q.row_stop, "push_pull")
                  for q, ids in zip(request.pulls, pull_ids)]
         return pushed, pulls

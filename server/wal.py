@@ -1,7 +1,8 @@
 """The write-ahead log: every accepted push, durable before it is acknowledged.
 
 Records are appended in apply order as [length u32][crc32 u32][lsn u64][payload], where the
-payload is the serialized PushRequest (chunked pushes already reassembled). Segments are named by
+payload is a kind byte and the change (server/pushes.py: a serialized PushRequest, or a data-plane
+push as its message plus its raw tensor bytes, chunked pushes already reassembled). Segments are named by
 their first LSN (`wal-00000000000000000001.log`); a checkpoint at LSN L starts a new segment and
 deletes the ones wholly behind it. A torn or corrupt tail (crash mid-write) ends replay there.
 
@@ -79,15 +80,19 @@ class WriteAheadLog:
     def _segment_path(self, first_lsn: int) -> str:
         return os.path.join(self.dir, f"wal-{first_lsn:020d}.log")
 
-    def append(self, payload: bytes) -> int:
-        """Write one record (caller holds the shard's apply order); returns its LSN."""
+    def append(self, *parts) -> int:
+        """Write one record whose payload is the parts joined (bytes or buffers, written with one
+        writev, not copied together); the caller holds the shard's apply order. Returns its LSN."""
         if self._failed is not None:
             raise Unavailable(f"write-ahead log is failing ({self._failed}); pushes are refused until it recovers")
         lsn = self.lsn + 1
-        body = struct.pack("<Q", lsn) + payload
-        record = struct.pack("<II", len(payload), zlib.crc32(body)) + body
+        parts = [memoryview(p).cast("B") for p in parts]
+        crc = zlib.crc32(struct.pack("<Q", lsn))
+        for p in parts:
+            crc = zlib.crc32(p, crc)
+        head = HEADER.pack(sum(len(p) for p in parts), crc, lsn)
         try:
-            _write_all(self._fd, record)
+            _writev_all(self._fd, [memoryview(head)] + parts)
         except OSError as e:
             raise Unavailable(f"cannot write the write-ahead log in {self.dir}: {e.strerror}") from None
         self.lsn = lsn
@@ -175,6 +180,18 @@ def _write_all(fd, data: bytes):
     while view:
         n = os.write(fd, view)
         view = view[n:]
+
+
+def _writev_all(fd, views: list):
+    views = [v for v in views if len(v)]
+    while views:
+        n = os.writev(fd, views[:1024])   # IOV_MAX
+        while n and views:
+            if n >= len(views[0]):
+                n -= len(views.pop(0))
+            else:
+                views[0] = views[0][n:]
+                n = 0
 
 
 def _fsync_dir(path: str):
