@@ -1,6 +1,7 @@
 """Throughput cost of each write-ahead-log durability policy (issue 6).
 
     .venv/bin/python bench/bench_wal.py --seconds 8 --threads 4
+    .venv/bin/python bench/bench_wal.py --seconds 1 --rounds 1 --rows 20000   # smoke
 
 For each setting (no --data-dir, --wal-sync none, group, fsync) a fresh sparseps-server gets
 LazyAdam pushes of B ids x 64 float32 into a 100,000 x 64 table from T client threads for S
@@ -23,7 +24,7 @@ SETTINGS = [("no log (no --data-dir)", []), ("--wal-sync none", ["none"]), ("--w
             ("--wal-sync fsync", ["fsync"])]
 
 
-def run_one(extra, seconds, threads, batch, rows, dim):
+def run_one(extra, seconds, threads, batch, rows, dim, data_plane=True):
     tmp = tempfile.mkdtemp(prefix="sparseps-walbench-")
     args = ["--data-dir", tmp, "--wal-sync", extra[0]] if extra else []
     srv = LocalServer(*args)
@@ -39,7 +40,7 @@ def run_one(extra, seconds, threads, batch, rows, dim):
         stop = time.monotonic() + seconds
 
         def work(k):
-            cl = sparseps.connect(srv.address)
+            cl = sparseps.connect(srv.address, data_plane=data_plane)
             i = k
             while time.monotonic() < stop:
                 ids, g = pool[i % len(pool)]
@@ -66,19 +67,25 @@ def main():
     ap.add_argument("--rows", type=int, default=100_000)
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--transports", default="data,grpc",
+                    help="client transports, comma-separated: data (the data plane: pushes logged as received, "
+                         "record kind F) and/or grpc (data_plane=False: pushes logged as serialized requests)")
     a = ap.parse_args()
-    results = {name: [] for name, _ in SETTINGS}
+    transports = a.transports.split(",")
+    results = {(t, name): [] for t in transports for name, _ in SETTINGS}
     for _ in range(a.rounds):
-        for name, extra in SETTINGS:
-            results[name].append(run_one(extra, a.seconds, a.threads, a.batch, a.rows, a.dim))
-    base = statistics.median(results[SETTINGS[0][0]])
+        for t in transports:
+            for name, extra in SETTINGS:
+                results[t, name].append(run_one(extra, a.seconds, a.threads, a.batch, a.rows, a.dim, t == "data"))
     mb = a.batch * (a.dim * 4 + 8) / 1e6
-    print(f"| policy | pushes/s (median of {a.rounds}) | MB/s logged | ratio to no log |")
-    print("|---|---|---|---|")
-    for name, _ in SETTINGS:
-        med = statistics.median(results[name])
-        print(f"| {name} | {med:.0f} [{min(results[name]):.0f}-{max(results[name]):.0f}] | {med * mb:.0f} | "
-              f"{med / base:.2f} |")
+    print(f"| transport | policy | pushes/s (median of {a.rounds}) | MB/s logged | ratio to no log |")
+    print("|---|---|---|---|---|")
+    for t in transports:
+        base = statistics.median(results[t, SETTINGS[0][0]])
+        for name, _ in SETTINGS:
+            r = results[t, name]
+            med = statistics.median(r)
+            print(f"| {t} | {name} | {med:.0f} [{min(r):.0f}-{max(r):.0f}] | {med * mb:.0f} | {med / base:.2f} |")
 
 
 if __name__ == "__main__":

@@ -140,8 +140,10 @@ class PushPipeline:
         by_opt = self.shard.decode_push(gradients, list(request.optimizers))
         if self.sync is not None and self.sync.handles(by_opt):
             return self.sync.push(request, by_opt, received)
-        if self.wal is not None and record is None:
-            record = [PUSH + request.SerializeToString()]
+        sealed = None
+        if self.wal is not None:   # encoded and checksummed before the lock
+            from .wal import seal
+            sealed = seal(*(record if record is not None else [PUSH + request.SerializeToString()]))
         queued = time.perf_counter()
         with self.shard.lock:
             if key is not None:
@@ -149,7 +151,7 @@ class PushPipeline:
                 if hit is not None:
                     return self._duplicate(hit)
             started = time.perf_counter()
-            lsn = self.wal.append(*record) if self.wal is not None else 0
+            lsn = self.wal.append(sealed=sealed) if self.wal is not None else 0
             iterations = self.shard.apply(by_opt)
             if self.sync is not None and request.worker_id:
                 self.sync.applied(request, by_opt)   # bounded staleness: the worker's clock

@@ -286,3 +286,26 @@ def test_log_replay_of_data_plane_and_grpc_pushes_rebuilds_the_same_state(tmp_pa
     assert len(got) == len(want)
     for a, b in zip(got, want):
         np.testing.assert_array_equal(a, b)
+
+
+def test_log_records_of_both_checksum_layouts_replay_and_corruption_stops_replay(tmp_path):
+    """Records now carry crc32(payload + lsn), computed outside the shard lock; logs written before
+    carry crc32(lsn + payload). Replay reads both, and stops at the first record that matches neither."""
+    import struct
+    import zlib
+
+    from sparseps.server.wal import WriteAheadLog
+    wal = WriteAheadLog(str(tmp_path), "none")
+    wal.open()
+    wal.append(b"P-first", b"|second part")
+    wal.close()
+    (seg,) = [p for p in tmp_path.iterdir() if p.name.startswith("wal-")]
+    old_body = struct.pack("<Q", 2) + b"P-old layout"
+    old = struct.pack("<II", len(old_body) - 8, zlib.crc32(old_body)) + old_body
+    bad_body = struct.pack("<Q", 3) + b"P-corrupt"
+    bad = struct.pack("<II", len(bad_body) - 8, zlib.crc32(bad_body) ^ 1) + bad_body
+    late_body = struct.pack("<Q", 4) + b"P-after the corrupt one"
+    late = struct.pack("<II", len(late_body) - 8, zlib.crc32(late_body)) + late_body
+    seg.write_bytes(seg.read_bytes() + old + bad + late)
+    got = [(lsn, bytes(p)) for lsn, p in WriteAheadLog(str(tmp_path), "none").replay(0)]
+    assert got == [(1, b"P-first|second part"), (2, b"P-old layout")]
