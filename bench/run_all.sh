@@ -2,7 +2,7 @@
 # Run every benchmark of bench/ once, in sequence, with one command:
 #
 #     bench/run_all.sh                      # all parts (~9 min on the 2-core dev box)
-#     PARTS="e2e peer" bench/run_all.sh     # a subset of: apply e2e facts cluster peer
+#     PARTS="e2e peer" bench/run_all.sh     # a subset of: apply step e2e facts cluster peer wal
 #     SMOKE=1 bench/run_all.sh              # tiny settings: checks that everything runs (~3 min)
 #
 # Each part writes bench/results/<part>_<UTC time>.{json,md}; this script also appends what it
@@ -12,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 PEER_PY=${PEER_PY:-.venv-golden/bin/python}
-PARTS=${PARTS:-"apply e2e facts cluster peer"}
+PARTS=${PARTS:-"apply step e2e facts cluster peer wal"}
 mkdir -p bench/results
 LOG=bench/results/run_log.txt
 
@@ -38,12 +38,16 @@ if [[ -n "${SMOKE:-}" ]]; then
     PEER=(--rows 20000 --dur 1 --rounds 1 --peer-steps 20 --peer-reps 2)
     PEER_WORKERS=${PEER_WORKERS:-1}
     APPLY=(--rows 20000 --reps 1 --batches 4096)
+    STEP=(--rows 20000 --steps 50 --rounds 1)
+    WAL=(--seconds 1 --rounds 1 --rows 20000)
 else
     E2E=()
     FACTS=()
     CL=()
     PEER=()
     APPLY=(--reps 5)
+    STEP=()
+    WAL=(--seconds 4 --rounds 2)
 fi
 
 for part in $PARTS; do
@@ -59,10 +63,16 @@ for part in $PARTS; do
         e2e) run e2e "$PY" bench/bench_e2e.py "${E2E[@]}" ;;
         facts) run facts "$PY" bench/bench_e2e.py --facts-only "${FACTS[@]}" ;;
         cluster) run cluster "$PY" bench/bench_cluster.py "${CL[@]}" ;;
+        step)
+            stamp=$(date -u +%Y%m%dT%H%M%S)
+            run step "$PY" bench/bench_step.py "${STEP[@]}" | tee "bench/results/step_$stamp.md" ;;
+        wal)
+            stamp=$(date -u +%Y%m%dT%H%M%S)
+            run wal "$PY" bench/bench_wal.py "${WAL[@]}" | tee "bench/results/wal_$stamp.md" ;;
         peer)   # one run per worker count keeps each run under ~3 minutes
             for w in ${PEER_WORKERS:-1 2}; do
                 run "peer-w$w" "$PY" bench/compare_peer.py --peer-python "$PEER_PY" --workers "$w" "${PEER[@]}"
             done ;;
-        *) echo "unknown part $part (apply e2e facts cluster peer)" >&2; exit 2 ;;
+        *) echo "unknown part $part (apply step e2e facts cluster peer wal)" >&2; exit 2 ;;
     esac
 done
