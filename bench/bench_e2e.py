@@ -487,7 +487,7 @@ if sys.argv[5] == "2":   # free one 16 MiB array first: glibc then raises its dy
 from bench_e2e import EchoClient, grad_pool
 echo_addr, sp_addr, n = sys.argv[2], sys.argv[3], int(sys.argv[4])
 ec = EchoClient(echo_addr)
-c = sparseps.connect(sp_addr)
+c = sparseps.connect(sp_addr, data_plane=False)   # these facts are about gRPC pushes (as recorded)
 payloads = [os.urandom(1 << 20) for _ in range(2)]
 rng = np.random.default_rng(0)
 ids = [rng.integers(0, 65536, 4096, dtype=np.int64) for _ in range(4)]
