@@ -25,6 +25,7 @@ import numpy as np
 from sparseps import frames
 from sparseps.proto import sparseps_pb2 as pb
 from sparseps.server import backends
+from sparseps.server.pushes import gradients_of
 from sparseps.server.service import ParameterServerService
 from sparseps.server.state import Shard
 
@@ -52,7 +53,7 @@ def step(i):
     frames.describe(uniq[(i + 1) % 16], req.pulls.add(variable="emb").ids, att)
     frames.describe(np.arange(65), req.pulls.add(variable="head").ids, att)
     it = iter(np.copy(a) for a in att)   # fresh buffers, as a received frame's are
-    grads_ = svc.decode_gradients(req.push, it)
+    grads_ = gradients_of(req.push, it)
     with svc.serving():
         svc.push_pull(req, grads_, [next(it), next(it)])
 

@@ -207,9 +207,7 @@ class Client:
             try:
                 info = _call(self._stubs[k].GetServerInfo, pb.ServerInfoRequest(), 5, self._metadata)
                 if info.data_port and info.data_port != data.port:
-                    fresh = DataChannel(data.host, info.data_port, tls=data.tls, server_name=data.server_name,
-                                        token=data.token, timeout=data.timeout)
-                    self._data[k] = fresh
+                    self._data[k] = data.moved(info.data_port)
                     data.close()
             except errors.Error:
                 pass
@@ -262,22 +260,20 @@ class Client:
         """Send requests[shard] to each shard in parallel; {shard: response}. retry: a tuple
         narrows the status codes retried (a pull that waits server-side must not retry its own
         DEADLINE_EXCEEDED). attach: {shard: arrays} of requests built for the data plane."""
+        codes = (retry if isinstance(retry, tuple) else _RETRYABLE) if retry else ()
+
         def one(k, req):
             if attach is not None and k in attach:
-                code, arrays = _DATA_METHODS[method], attach[k]
-                if retry:
-                    codes = retry if isinstance(retry, tuple) else _RETRYABLE
-                    return self._retry(lambda: self._data_call(k, code, req, arrays), codes)
-                return self._data_call(k, code, req, arrays)
-            fn = getattr(self._stubs[k], method)
-            codes = retry if isinstance(retry, tuple) else _RETRYABLE
-            return self._retry(lambda: _call(fn, req, self.timeout, self._metadata), codes) if retry \
-                else _call(fn, req, self.timeout, self._metadata)
+                def call():
+                    return self._data_call(k, _DATA_METHODS[method], req, attach[k])
+            else:
+                def call():
+                    return _call(getattr(self._stubs[k], method), req, self.timeout, self._metadata)
+            return self._retry(call, codes) if codes else call()
         if len(requests) == 1:
             (k, req), = requests.items()
             return {k: one(k, req)}
         if attach is not None and all(k in attach for k in requests):
-            codes = (retry if isinstance(retry, tuple) else _RETRYABLE) if retry else ()
             return self._fan_out(method, requests, attach, one, codes)
         results, failures = {}, []
 
@@ -517,8 +513,7 @@ class Client:
             if not requests:
                 break
             for k, resp in self._each(method, requests, retry, attach).items():
-                if len(requests) == 1 and lo == 0 and len(ids) <= per_request and \
-                        isinstance(resp.values, np.ndarray) and resp.values.shape == out.shape:
+                if len(requests) == 1 and isinstance(resp.values, np.ndarray) and resp.values.shape == out.shape:
                     out = resp.values   # the data plane received these rows into a fresh array: no copy
                 elif len(requests) == 1:
                     out[sel] = _array(resp.values)

@@ -68,6 +68,11 @@ class DataChannel:
         self._lock = threading.Lock()
         self._closed = False
 
+    def moved(self, port: int) -> "DataChannel":
+        """The same shard's connections at another port (a restarted shard may pick a new one)."""
+        return DataChannel(self.host, port, tls=self.tls, server_name=self.server_name, token=self.token,
+                           timeout=self.timeout)
+
     def __repr__(self):
         return f"DataChannel({self.host}:{self.port}{' tls' if self.tls else ''})"
 

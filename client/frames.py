@@ -18,7 +18,7 @@ import numpy as np
 
 from sparseps.errors import InvalidArgument
 from sparseps.proto import sparseps_pb2 as pb
-from sparseps.tensors import DTYPE_NAMES, _FROM_WIRE, wire_dtype
+from sparseps.tensors import DTYPE_NAMES, check_tensor, elements, wire_dtype
 
 MAGIC = b"SPS1"
 HEADER = struct.Struct("<4sBBHIQ")
@@ -75,20 +75,8 @@ def layout(msg, payload_len: int) -> list:
     for t, what in tensors(msg):
         if t.data:
             raise InvalidArgument(f"{what}: tensor bytes belong in the frame's payload, not in the message")
-        if t.dtype not in _FROM_WIRE:
-            raise InvalidArgument(f"{what}: unknown dtype code {t.dtype} (expected float32, float64, int32 or int64)")
-        dt = _FROM_WIRE[t.dtype]
-        shape = tuple(int(s) for s in t.shape)
-        if len(shape) > 32:
-            raise InvalidArgument(f"{what}: {len(shape)} dimensions, at most 32 are supported")
-        if any(s < 0 for s in shape):
-            raise InvalidArgument(f"{what}: negative dimension in shape {list(shape)}")
-        n = 1
-        for s in shape:
-            n *= s
-            if n * dt.itemsize > payload_len:
-                break
-        nbytes = n * dt.itemsize
+        dt, shape = check_tensor(t, what)
+        nbytes = elements(shape, payload_len // dt.itemsize) * dt.itemsize
         if offset + nbytes > payload_len:
             raise InvalidArgument(f"{what}: shape {list(shape)} of {DTYPE_NAMES[t.dtype]} needs {nbytes} bytes, "
                                   f"but only {payload_len - offset} of the frame's payload are left")
@@ -103,11 +91,8 @@ def views(buf: np.ndarray, spec: list) -> list:
     """Read-only-by-convention arrays over one received payload buffer."""
     out = []
     for dt, shape, offset in spec:
-        n = 1
-        for s in shape:
-            n *= s
         try:
-            out.append(buf[offset:offset + n * dt.itemsize].view(dt).reshape(shape))
+            out.append(buf[offset:offset + elements(shape) * dt.itemsize].view(dt).reshape(shape))
         except ValueError as e:
             raise InvalidArgument(f"shape {list(shape)} is not supported ({e})") from None
     return out

@@ -32,21 +32,35 @@ def to_tensor(array, out: "pb.Tensor | None" = None) -> "pb.Tensor":
     return t
 
 
-def from_tensor(t: "pb.Tensor", what: str = "tensor", max_elements: int | None = None) -> np.ndarray:
-    """A read-only view of the tensor's bytes; every inconsistency is an InvalidArgument."""
+def check_tensor(t: "pb.Tensor", what: str = "tensor") -> tuple:
+    """(numpy dtype, shape) of a wire Tensor whose dtype and shape make sense; else InvalidArgument."""
     if t.dtype not in _FROM_WIRE:
         raise InvalidArgument(f"{what}: unknown dtype code {t.dtype} (expected float32, float64, int32 or int64)")
-    dt = _FROM_WIRE[t.dtype]
     shape = tuple(int(s) for s in t.shape)
     if len(shape) > 32:
         raise InvalidArgument(f"{what}: {len(shape)} dimensions, at most 32 are supported")
     if any(s < 0 for s in shape):
         raise InvalidArgument(f"{what}: negative dimension in shape {list(shape)}")
+    return _FROM_WIRE[t.dtype], shape
+
+
+def elements(shape, limit: int | None = None) -> int:
+    """The product of shape, counted only until it passes `limit` (a hostile shape never builds a
+    huge number): a result over limit means "more than limit"."""
     n = 1
     for s in shape:
         n *= s
-        if max_elements is not None and n > max_elements:
-            raise InvalidArgument(f"{what}: shape {list(shape)} is larger than allowed")
+        if limit is not None and n > limit:
+            break
+    return n
+
+
+def from_tensor(t: "pb.Tensor", what: str = "tensor", max_elements: int | None = None) -> np.ndarray:
+    """A read-only view of the tensor's bytes; every inconsistency is an InvalidArgument."""
+    dt, shape = check_tensor(t, what)
+    n = elements(shape, max_elements)
+    if max_elements is not None and n > max_elements:
+        raise InvalidArgument(f"{what}: shape {list(shape)} is larger than allowed")
     if n * dt.itemsize != len(t.data):
         raise InvalidArgument(
             f"{what}: shape {list(shape)} of {DTYPE_NAMES[t.dtype]} needs {n * dt.itemsize} bytes, got {len(t.data)}")

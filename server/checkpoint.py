@@ -20,6 +20,8 @@ import numpy as np
 from sparseps.errors import FailedPrecondition, InvalidArgument
 from sparseps.partition import Layout
 
+from .wal import fsync_path
+
 FORMAT = 1
 
 
@@ -29,14 +31,6 @@ def _crc(path: str) -> int:
         while chunk := f.read(1 << 24):
             crc = zlib.crc32(chunk, crc)
     return crc
-
-
-def _fsync(path: str):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class _Writer:
@@ -96,9 +90,9 @@ def write(snap: dict, directory: str, extra: dict) -> tuple:
         json.dump(manifest, f)
         f.flush()
         os.fsync(f.fileno())
-    _fsync(tmp)
+    fsync_path(tmp)
     os.replace(tmp, directory)
-    _fsync(os.path.dirname(directory) or ".")
+    fsync_path(os.path.dirname(directory) or ".")
     return directory, total + os.path.getsize(os.path.join(directory, "manifest.json"))
 
 

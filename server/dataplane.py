@@ -19,9 +19,12 @@ import numpy as np
 
 from sparseps import errors, frames
 from sparseps.proto import sparseps_pb2 as pb
+from sparseps.tensors import elements
 
 from .auth import METHOD_ROLES, RANK
-from .pushes import frame_record
+from .limits import pull_answer_bytes
+from .pushes import frame_record, gradients_of
+from .service import _clip
 
 log = logging.getLogger("sparseps.server")
 
@@ -149,9 +152,15 @@ class DataPlane:
                                f"{name}: the request ({payload_len + meta_len} bytes) is larger than max message "
                                f"size of this server ({self.max_message} bytes, --max-message-mb); nothing was "
                                "applied: send it in parts", fatal=True)
+            try:
+                request = frames.REQUESTS[method].FromString(bytes(meta))
+            except Exception as e:
+                self._drain(sock, payload_len)
+                raise _Refusal(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"{name}: the request body is not a valid {frames.REQUESTS[method].__name__} "
+                               f"({meta_len} bytes): {type(e).__name__}: {e}")
             if self.budget is not None:
-                ticket = payload_len + meta_len + (_pull_estimate(svc.shard, meta, method) if method != frames.PUSH
-                                                    else 0)
+                ticket = payload_len + meta_len + _pull_estimate(svc.shard, request)
                 if not self.budget.try_acquire(ticket):
                     self._drain(sock, payload_len)
                     b, nbytes, ticket = self.budget, ticket, 0
@@ -161,12 +170,6 @@ class DataPlane:
                                    f"{b.limit / 2**20:.0f} MiB (--memory-budget-mb); nothing was applied, retry later")
             payload = np.empty(payload_len, np.uint8)
             frames.recv_exact(sock, memoryview(payload)) or _short()
-            try:
-                request = frames.REQUESTS[method].FromString(bytes(meta))
-            except Exception as e:
-                raise _Refusal(grpc.StatusCode.INVALID_ARGUMENT,
-                               f"{name}: the request body is not a valid {frames.REQUESTS[method].__name__} "
-                               f"({meta_len} bytes): {type(e).__name__}: {e}")
             with svc.serving():
                 answer, arrays = self._call(method, request, payload)
         except _Refusal as r:
@@ -201,16 +204,12 @@ class DataPlane:
 
     def _call(self, method, request, payload):
         """(answer message with its tensors left empty, arrays of its payload)."""
-        from .service import ParameterServerService as S
         svc = self.service
         spec = frames.layout(request, len(payload))
         arrays = frames.views(payload, spec)
         if method == frames.PULL:
             ids = arrays[0] if request.HasField("ids") else None
-            values, gids, its = svc.pull(request, ids)
-            return pb.PullResponse(iterations=its, values=_described(values),
-                                   ids=_described(gids) if gids is not None else None), \
-                [values] + ([gids] if gids is not None else [])
+            return _pull_answer(pb.PullResponse(), *svc.pull(request, ids))
         push = request if method == frames.PUSH else request.push
         record = None
         if self._needs_bytes(push):
@@ -219,18 +218,14 @@ class DataPlane:
             n = sum(1 for _ in frames.tensors(push))
             record = frame_record(push, payload[:spec[n][2]] if n < len(spec) else payload)
         it = iter(arrays)
-        grads = S.decode_gradients(push, it)
+        grads = gradients_of(push, it)
         if method == frames.PUSH:
             return svc.push(request, grads, record), []
         pull_ids = [next(it) if q.HasField("ids") else None for q in request.pulls]
         pushed, pulls = svc.push_pull(request, grads, pull_ids, record)
         out, arrays = pb.PushPullResponse(push=pushed), []
-        for values, gids, its in pulls:
-            out.pulls.add(iterations=its, values=_described(values))
-            arrays.append(values)
-            if gids is not None:
-                out.pulls[-1].ids.CopyFrom(_described(gids))
-                arrays.append(gids)
+        for p in pulls:
+            arrays += _pull_answer(out.pulls.add(), *p)[1]
         return out, arrays
 
     def _needs_bytes(self, push) -> bool:
@@ -277,32 +272,25 @@ class DataPlane:
 
     @staticmethod
     def _error(sock, method, code, message):
-        from .service import _clip
         frames.send_frame(sock, method, code.value[0], _clip(message).encode("utf-8"))
 
 
-def _described(array) -> "pb.Tensor":
-    t = pb.Tensor()
-    frames.describe(array, t, [])
-    return t
+def _pull_answer(resp: "pb.PullResponse", values, gids, iterations) -> tuple:
+    """(resp filled: iterations and its tensors described, the tensors' arrays in wire order)."""
+    resp.iterations = iterations
+    arrays = []
+    frames.describe(values, resp.values, arrays)
+    if gids is not None:
+        frames.describe(gids, resp.ids, arrays)
+    return resp, arrays
 
 
-def _pull_estimate(shard, meta: bytes, method: int) -> int:
-    """Bytes a pull answer will take, for the memory budget (as the gRPC port's LimitsInterceptor)."""
-    try:
-        req = frames.REQUESTS[method].FromString(meta)
-    except Exception:
-        return 0
-    pulls = [req] if method == frames.PULL else list(req.pulls)
-    total = 0
-    for q in pulls:
-        var = shard.variables.get(q.variable)
-        if var is None:
-            continue
-        row = int(np.prod(var.shape[1:], dtype=np.int64)) * var.dtype.itemsize
-        rows = int(np.prod(q.ids.shape, dtype=np.int64)) if q.HasField("ids") else var.local_rows
-        total += min(rows, 1 << 40) * (row + 8)
-    return total
+def _pull_estimate(shard, request) -> int:
+    """Bytes the pull answers of a Pull or PushPull will take, for the memory budget."""
+    pulls = [request] if isinstance(request, pb.PullRequest) else \
+        list(request.pulls) if isinstance(request, pb.PushPullRequest) else []
+    return sum(pull_answer_bytes(shard, q.variable, elements(q.ids.shape, 1 << 40) if q.HasField("ids") else None)
+               for q in pulls)
 
 
 def _short():

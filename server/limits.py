@@ -94,6 +94,17 @@ def _message_name(deserializer):
     return getattr(owner, "__name__", None) or "request message"
 
 
+def pull_answer_bytes(shard, variable: str, rows: int | None) -> int:
+    """Bytes a pull's answer will take (rows of `variable`, or all it holds when rows is None),
+    for the memory budget; 0 for a variable the shard does not know (the pull will fail)."""
+    var = shard.variables.get(variable) if shard is not None else None
+    if var is None:
+        return 0
+    row = int(np.prod(var.shape[1:], dtype=np.int64)) * var.dtype.itemsize
+    rows = var.local_rows if rows is None else min(max(0, rows), 1 << 40)
+    return rows * (row + 8)
+
+
 class LimitsInterceptor(grpc.ServerInterceptor):
     """Admission by memory budget, and INVALID_ARGUMENT for bodies that do not parse."""
 
@@ -105,16 +116,8 @@ class LimitsInterceptor(grpc.ServerInterceptor):
     # ---- what a request costs --------------------------------------------------------
     def pull_bytes(self, request) -> int:
         """The response size a Pull/GetSlot will have, from the variable's shape (0 if unknown)."""
-        var = self.shard.variables.get(request.variable) if self.shard is not None else None
-        if var is None:
-            return 0
-        row = int(np.prod(var.shape[1:], dtype=np.int64)) * var.dtype.itemsize
-        if request.HasField("ids"):
-            rows = max(0, len(request.ids.data)) // 4   # at most one row per 4 bytes of ids
-            rows = min(rows, 1 << 40)
-        else:
-            rows = var.local_rows
-        return rows * (row + 8)
+        rows = len(request.ids.data) // 4 if request.HasField("ids") else None   # at most a row per 4 bytes of ids
+        return pull_answer_bytes(self.shard, request.variable, rows)
 
     # ---- wrapping -------------------------------------------------------------------
     def _deserializer(self, method, deserializer, gated):

@@ -14,7 +14,9 @@ import struct
 import threading
 import time
 
-from sparseps import errors
+import numpy as np
+
+from sparseps import errors, frames
 from sparseps.proto import sparseps_pb2 as pb
 from sparseps.tensors import DTYPE_NAMES, from_tensor
 
@@ -38,19 +40,27 @@ def frame_record(request: "pb.PushRequest", payload) -> list:
     return [FRAME_PUSH + _U32.pack(len(meta)) + meta, payload]
 
 
-def _frame_gradients(payload: bytes):
-    """(PushRequest, [(variable, ids, values, l2sum)]) of a FRAME_PUSH record's payload."""
-    import numpy as np
-    from sparseps import frames
+def gradients_of(request: "pb.PushRequest", arrays=None) -> list:
+    """[(variable, ids or None, values, l2sum or None)] of a push; `arrays`: its tensors' data as
+    arrays in frames.tensors() order (a data-plane payload) instead of the Tensors' bytes."""
+    grads = []
+    for g in request.gradients:
+        if arrays is not None:
+            ids = next(arrays) if g.HasField("ids") else None
+            values = next(arrays)
+        else:
+            ids = from_tensor(g.ids, f"push ids of {g.variable!r}") if g.HasField("ids") else None
+            values = from_tensor(g.values, f"push values of {g.variable!r}")
+        grads.append((g.variable, ids, values, g.l2sum if g.HasField("l2sum") else None))
+    return grads
+
+
+def _frame_request(payload: bytes):
+    """(PushRequest, its tensors as arrays) of a FRAME_PUSH record's payload."""
     n = _U32.unpack_from(payload, 0)[0]
     request = pb.PushRequest.FromString(payload[4:4 + n])
     buf = np.frombuffer(payload, np.uint8, offset=4 + n)
-    arrays = iter(frames.views(buf, frames.layout(request, len(buf))))
-    grads = []
-    for g in request.gradients:
-        ids = next(arrays) if g.HasField("ids") else None
-        grads.append((g.variable, ids, next(arrays), g.l2sum if g.HasField("l2sum") else None))
-    return request, grads
+    return request, iter(frames.views(buf, frames.layout(request, len(buf))))
 
 
 def _create_optimizer(shard, request):
@@ -201,13 +211,11 @@ class PushPipeline:
         for lsn, payload in self.wal.replay(after_lsn):
             kind, payload = payload[:1], payload[1:]
             if kind == FRAME_PUSH:
-                request, grads = _frame_gradients(payload)
+                request, arrays = _frame_request(payload)
+                grads = gradients_of(request, arrays)
             elif kind == PUSH:
                 request = pb.PushRequest.FromString(payload)
-                grads = []
-                for g in request.gradients:
-                    ids = from_tensor(g.ids) if g.HasField("ids") else None
-                    grads.append((g.variable, ids, from_tensor(g.values), g.l2sum if g.HasField("l2sum") else None))
+                grads = gradients_of(request)
             else:
                 cls, fn = KINDS[kind]
                 fn(self.shard, cls.FromString(payload))

@@ -19,6 +19,8 @@ from sparseps.proto import sparseps_pb2 as pb
 from sparseps.proto import sparseps_pb2_grpc as pb_grpc
 from sparseps.tensors import from_tensor, to_tensor
 
+from .pushes import PushPipeline, gradients_of
+
 log = logging.getLogger("sparseps.server")
 
 PARTITION_TO_WIRE = {"mod": pb.MOD, "div": pb.DIV, "whole": pb.WHOLE}
@@ -96,7 +98,6 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
     data_port = 0              # the data plane's port, advertised in ServerInfo (0 = none)
     data_tls = False
     def __init__(self, shard, cluster=(), metrics=None, pushes=None):
-        from .pushes import PushPipeline
         self.shard = shard
         self.cluster = list(cluster)
         self.metrics = metrics
@@ -249,21 +250,6 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
         return self._pull_response(*self._pull(request.variable, ids, request.slot, request.row_start,
                                                request.row_stop, "get_slot"))
 
-    @staticmethod
-    def decode_gradients(request, arrays=None):
-        """[(variable, ids or None, values, l2sum or None)]; `arrays`: the data plane's payload views,
-        in frames.tensors() order, instead of the Tensors' bytes."""
-        grads = []
-        for g in request.gradients:
-            if arrays is not None:
-                ids = next(arrays) if g.HasField("ids") else None
-                values = next(arrays)
-            else:
-                ids = from_tensor(g.ids, f"push ids of {g.variable!r}") if g.HasField("ids") else None
-                values = from_tensor(g.values, f"push values of {g.variable!r}")
-            grads.append((g.variable, ids, values, g.l2sum if g.HasField("l2sum") else None))
-        return grads
-
     def push(self, request, grads, record=None) -> "pb.PushResponse":
         """record: the write-ahead-log record's parts, when the transport already has them."""
         received = time.perf_counter()
@@ -277,13 +263,13 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
 
     @_handler
     def Push(self, request, context):
-        grads = self.decode_gradients(request)
+        grads = gradients_of(request)
         with self.serving():
             return self.push(request, grads)
 
     @_handler
     def PushPull(self, request, context):
-        grads = self.decode_gradients(request.push)
+        grads = gradients_of(request.push)
         pull_ids = [from_tensor(q.ids, f"push_pull ids of {q.variable!r}") if q.HasField("ids") else None
                     for q in request.pulls]
         with self.serving():
@@ -350,7 +336,7 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
             to_tensor(vals, joined.values)
             if gs[0].HasField("l2sum"):
                 joined.l2sum = gs[0].l2sum
-        return self.push(merged, self.decode_gradients(merged))
+        return self.push(merged, gradients_of(merged))
 
     @_handler
     def SetWeights(self, request, context):

@@ -35,7 +35,7 @@ import numpy as np
 from sparseps import errors
 from sparseps.proto import sparseps_pb2 as pb
 from sparseps.proto import sparseps_pb2_grpc as pb_grpc
-from sparseps.tensors import from_tensor, to_tensor
+from sparseps.tensors import to_tensor
 
 from . import pushes
 
@@ -57,15 +57,6 @@ def _key(ref) -> tuple:
 
 def _ref(key) -> "pb.ReplicaRef":
     return pb.ReplicaRef(client_id=key[0], sequence=key[1])
-
-
-def _grads_of(request) -> list:
-    """[(variable, global ids | None, values)] of a PushRequest (read-only views)."""
-    out = []
-    for g in request.gradients:
-        ids = from_tensor(g.ids, f"push ids of {g.variable!r}") if g.HasField("ids") else None
-        out.append((g.variable, ids, from_tensor(g.values, f"push values of {g.variable!r}")))
-    return out
 
 
 class _Prepared:
@@ -195,7 +186,7 @@ class SyncManager:
                             f"{name!r} (was its state lost?); the step cannot be committed here")
                 entries = [table[k] for k in keys]
             agg = self.aggregate(opt, step, entries)
-            by_opt = shard.decode_push(_grads_of(agg), [name])
+            by_opt = shard.decode_push(pushes.gradients_of(agg), [name])
             iterations = self.pipeline.apply_logged(agg, by_opt)[name]
             with shard.lock:
                 self._gc(name, opt.iterations)
@@ -208,7 +199,7 @@ class SyncManager:
         average = bool(opt.consistency.get("average"))
         by_var = collections.OrderedDict()
         for e in entries:
-            for name, ids, values in _grads_of(e.request):
+            for name, ids, values, _ in pushes.gradients_of(e.request):
                 by_var.setdefault(name, []).append((ids, values))
         out = pb.PushRequest(optimizers=[opt.name], step=step)
         for name, items in by_var.items():
@@ -488,7 +479,7 @@ class SyncManager:
     # ------------------------------------------------------------------ durability
     def replay_prepare(self, request):
         name, step = (request.optimizers[0] if request.optimizers else ""), int(request.step)
-        by_opt = self.shard.decode_push(_grads_of(request), list(request.optimizers))
+        by_opt = self.shard.decode_push(pushes.gradients_of(request), list(request.optimizers))
         for o in by_opt:
             if self._mode(o) == "sync":
                 name = o

@@ -87,7 +87,7 @@ class WriteAheadLog:
         segs = self.segments()
         path = segs[-1][1] if segs else self._segment_path(self.lsn + 1)
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        _fsync_dir(self.dir)
+        fsync_path(self.dir)
         if self.policy == "group":
             self._flusher = threading.Thread(target=self._flush_loop, name="wal-flusher", daemon=True)
             self._flusher.start()
@@ -171,7 +171,7 @@ class WriteAheadLog:
             next_first = segs[i + 1][0]
             if next_first - 1 <= checkpoint_lsn:
                 os.remove(path)
-        _fsync_dir(self.dir)
+        fsync_path(self.dir)
 
     def close(self):
         with self._cond:
@@ -207,7 +207,8 @@ def _writev_all(fd, views: list):
                 n = 0
 
 
-def _fsync_dir(path: str):
+def fsync_path(path: str):
+    """fsync a file or a directory (a directory's entries: renames and new files) by its path."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
