@@ -68,6 +68,7 @@ __all__ = [
     "sgd_sparse_add",
     "keras_momentum_sparse",
     "gather_rows",
+    "replica_sum",
     "warmup",
     "PARALLEL_MIN_ROWS",
 ]
@@ -394,6 +395,46 @@ def _gather_parallel(table, ids, out):
 
 
 # --------------------------------------------------------------------------------------------
+# sync mode: the sum (or mean) of the replicas' sparse gradients of one step
+# --------------------------------------------------------------------------------------------
+@numba.njit(**_JIT)
+def _replica_sum_kernel(ids, values, replica, average):
+    """Per distinct id (ascending): its first row, then each later row added, in (replica, input)
+    order, as TF's SparseConditionalAccumulator sums; with average, divided by the number of
+    replicas that have the id."""
+    n = ids.shape[0]
+    dim = values.shape[1]
+    first, inv, _, k, _ = _dedupe(ids, np.iinfo(np.int64).max)   # first-occurrence order
+    perm = np.argsort(first[:k])
+    rank = np.empty(k, np.int64)
+    for j in range(k):
+        rank[perm[j]] = j
+    uniq = np.empty(k, np.int64)
+    acc = np.empty((k, dim), values.dtype)
+    seen = np.zeros(k, np.int64)      # replicas that have the id
+    last = np.full(k, -1, np.int64)   # the last of them so far
+    for i in range(n):                # (replica, input) order
+        u = rank[inv[i]]
+        if seen[u] == 0:
+            uniq[u] = ids[i]
+            for j in range(dim):
+                acc[u, j] = values[i, j]
+        else:
+            for j in range(dim):
+                acc[u, j] += values[i, j]
+        if replica[i] != last[u]:
+            seen[u] += 1
+            last[u] = replica[i]
+    if average:
+        count = np.empty(1, values.dtype)   # the divisor, in the values' dtype
+        for u in range(k):
+            count[0] = seen[u]
+            for j in range(dim):
+                acc[u, j] = acc[u, j] / count[0]
+    return uniq, acc
+
+
+# --------------------------------------------------------------------------------------------
 # Python wrappers
 # --------------------------------------------------------------------------------------------
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
@@ -584,6 +625,27 @@ def gather_rows(table, ids, out=None):
     return out
 
 
+def replica_sum(parts, average: bool):
+    """The sync-mode aggregate of one step: ``parts`` = [(ids, rows)] of the replicas, in replica
+    order; returns ``(uniq ascending int64[k], summed[k, dim])``.
+
+    Bit for bit the numpy evaluation in server/sync.py: per id the first row, then each later row
+    added in (replica, input) order (TF's SparseConditionalAccumulator); with ``average`` each row
+    divided by the number of replicas whose part has that id (TF averages element-wise).
+    """
+    if not parts:
+        raise ValueError("replica_sum needs at least one part")
+    dt = parts[0][1].dtype
+    if dt not in _FLOATS or any(v.dtype != dt or v.ndim != 2 for _, v in parts):
+        raise TypeError("replica_sum: rows must be 2-D float32/float64 arrays of one dtype")
+    ids = np.concatenate([_ids(i) for i, _ in parts])
+    values = np.concatenate([v for _, v in parts])
+    if values.shape[0] != ids.shape[0]:
+        raise ValueError("replica_sum: one row per id")
+    replica = np.repeat(np.arange(len(parts), dtype=np.int32), [len(i) for i, _ in parts])
+    return _replica_sum_kernel(ids, values, replica, bool(average))
+
+
 def warmup(dtypes=(np.float32, np.float64)):
     """Compile (or load from the on-disk cache) every kernel for ``dtypes``.
 
@@ -614,6 +676,7 @@ def warmup(dtypes=(np.float32, np.float64)):
                                                        True, 2)),
             ("gather_serial", _gather_serial, (var, ids, np.empty((4, dim), dt))),
             ("gather_parallel", _gather_parallel, (var, ids, np.empty((4, dim), dt))),
+            ("replica_sum", _replica_sum_kernel, (ids, g, np.array([0, 0, 1, 1], np.int32), True)),
         ):
             t0 = time.perf_counter()
             if "parallel" in name:

@@ -23,7 +23,7 @@ class NumpyBackend:
         return np.zeros(shape, dtype=dtype)
 
     def zeros_like(self, arr):
-        return np.zeros_like(arr)
+        return np.zeros(arr.shape, arr.dtype)   # calloc: pages are zeroed as they are first touched
 
     def from_numpy(self, a, dtype=None):
         return np.array(a, dtype=dtype, copy=True, order="C")
@@ -120,7 +120,7 @@ class NumbaBackend(NumpyBackend):
     def __init__(self):
         from . import fused
         self._fused = fused
-        self._kernels = {"lazy_adam": self._lazy_adam}
+        self._kernels = {"lazy_adam": self._lazy_adam, "replica_sum": fused.replica_sum}
         # SPARSEPS_PARALLEL_KERNELS=always: every request may use all numba threads (see parallel())
         self._always_parallel = os.environ.get("SPARSEPS_PARALLEL_KERNELS", "auto") == "always"
         fused.warmup()   # compile (or load the cached machine code) before the first push
