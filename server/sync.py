@@ -24,6 +24,7 @@ known worker is at most `staleness` pushes behind the puller.
 """
 import collections
 import logging
+import math
 import os
 import threading
 import time
@@ -264,7 +265,10 @@ class SyncManager:
         name, step, key = request.optimizer, int(request.step), _key(request.replica)
         opt = self._sync_optimizer(name)
         need = int(opt.consistency["replicas_to_aggregate"])
-        wait = request.timeout_seconds if request.timeout_seconds > 0 else DEFAULT_VOTE_WAIT_S
+        if not math.isfinite(request.timeout_seconds) or request.timeout_seconds < 0:
+            raise errors.InvalidArgument(f"sync vote for step {step} of {name!r}: timeout_seconds must be a finite "
+                                         f"number >= 0, got {request.timeout_seconds}")
+        wait = min(request.timeout_seconds or DEFAULT_VOTE_WAIT_S, DEFAULT_VOTE_WAIT_S * 60)
         deadline = time.monotonic() + wait
         c = self._coord(name)
         with c.cond:

@@ -78,6 +78,26 @@ def test_first_replicas_win_the_rest_are_stale(cluster3, client3, unique):
             c.close()
 
 
+@pytest.mark.parametrize("timeout", [float("inf"), float("nan"), -1.0])
+def test_a_vote_with_a_bad_timeout_is_refused(cluster3, client3, unique, timeout):
+    """The replica is prepared on every shard, so the vote would wait for the second one: an infinite
+    wait overflowed threading's timeout (INTERNAL) before the check; now each is INVALID_ARGUMENT."""
+    import grpc
+    from sparseps.tensors import to_tensor
+    opt, v = _sync(client3, unique, n=2)
+    for k, stub in enumerate(client3._stubs):   # phase 1 by hand: row k lives on shard k (mod 3)
+        prepared = stub.Push(pb.PushRequest(client_id="hand", sequence=1, step=0, gradients=[pb.Gradient(
+            variable=v, ids=to_tensor(np.array([k])), values=to_tensor(np.ones((1, 2), np.float32)))]), timeout=10)
+        assert prepared.prepared
+    stub = client3._stubs[0]
+    vote = pb.SyncVoteRequest(optimizer=opt, step=0, timeout_seconds=timeout,
+                              replica=pb.ReplicaRef(client_id="hand", sequence=1))
+    with pytest.raises(grpc.RpcError) as e:
+        stub.SyncVote(vote, timeout=10)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "timeout_seconds" in e.value.details()
+    assert _iterations(client3, opt) == [0, 0, 0]
+
+
 def test_a_shard_failing_prepare_applies_nowhere(cluster3, client3, unique):
     """A replica whose part is refused by one shard (NaN) is not committed anywhere, and its parts
     prepared on the other shards never enter a step."""
