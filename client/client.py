@@ -568,7 +568,8 @@ class Client:
         """Push one step, then pull rows, in one round trip per shard (ps-lite's PushPull).
 
             it, rows = client.push_pull({"emb": (ids, grad_rows)}, {"emb": next_ids})
-        The rows come back after this push is applied (so they include it). Returns
+        The rows are read right after this push is applied, with no other step in between on
+        each shard (so they include it and nothing later). Returns
         (iterations as push() returns them, {variable: ndarray}). Async-mode optimizers only;
         a push too large for one message falls back to push() then pull().
         """

@@ -139,9 +139,11 @@ class PushPipeline:
             pb.OptimizerIterations(optimizer=k, iterations=v) for k, v in iterations.items()])
 
     # ------------------------------------------------------------------ the push path
-    def push(self, request, gradients, received: float, record=None) -> "pb.PushResponse":
+    def push(self, request, gradients, received: float, record=None, then=None) -> "pb.PushResponse":
         """record: the log record's parts when the caller has them (a data-plane push, frame_record);
-        otherwise the request is serialized into the log."""
+        otherwise the request is serialized into the log. then: called right after the step, under
+        the same hold of the shard lock (PushPull's pulls: no other step comes between); not called
+        for a duplicate or a sync-mode prepare. Its exception is raised once the push is durable."""
         key = (request.client_id, request.sequence) if request.client_id else None
         if key is not None:
             hit = self._remembered(*key)
@@ -169,11 +171,19 @@ class PushPipeline:
                 self._remember(request.client_id, request.sequence, lsn, iterations)
             self.pushes_since_checkpoint += 1
             applied = time.perf_counter()
+            failed = None
+            if then is not None:
+                try:
+                    then()
+                except Exception as e:   # the step stands (logged, remembered): answer after it is durable
+                    failed = e
         if self.wal is not None:
             self.wal.wait_durable(lsn)
         if self.metrics is not None:
             self.metrics.push_done(by_opt, received=received, queued=queued, started=started, applied=applied,
                                    acked=time.perf_counter())
+        if failed is not None:
+            raise failed
         return self._response(iterations)
 
     def _duplicate(self, hit):

@@ -250,12 +250,13 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
         return self._pull_response(*self._pull(request.variable, ids, request.slot, request.row_start,
                                                request.row_stop, "get_slot"))
 
-    def push(self, request, grads, record=None) -> "pb.PushResponse":
-        """record: the write-ahead-log record's parts, when the transport already has them."""
+    def push(self, request, grads, record=None, then=None) -> "pb.PushResponse":
+        """record: the write-ahead-log record's parts, when the transport already has them; then:
+        PushPipeline.push's."""
         received = time.perf_counter()
         if self.metrics is not None:
             self.metrics.push_received(grads)
-        resp = self.pushes.push(request, grads, received, record)
+        resp = self.pushes.push(request, grads, received, record, then)
         if self.metrics is not None:   # received -> applied (and durable), answer ready
             self.metrics.push_answered([o.optimizer for o in resp.iterations], time.perf_counter() - received,
                                        stale=resp.stale, duplicate=resp.duplicate)
@@ -277,7 +278,7 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
         return pb.PushPullResponse(push=pushed, pulls=[self._pull_response(*p) for p in pulls])
 
     def push_pull(self, request, grads, pull_ids, record=None):
-        """Push, then pull: the rows returned already include this push's update."""
+        """Push, then pull under the same hold of the shard lock: the rows include this push and no later one."""
         for q in request.pulls:
             if q.min_iterations or q.worker_id:
                 raise errors.InvalidArgument(f"push_pull of {q.variable!r}: a PushPull's pulls cannot wait for "
@@ -293,9 +294,14 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
             var = self.shard.variable(q.variable)
             if ids is not None:
                 var.local_ids(ids, "push_pull")
-        pushed = self.push(request.push, grads, record)
-        pulls = [self._pull(q.variable, ids, q.slot, q.row_start, q.row_stop, "push_pull")
-                 for q, ids in zip(request.pulls, pull_ids)]
+        pulls = []
+
+        def pull_all():   # under the push's hold of the shard lock: one handoff fewer per call
+            pulls[:] = [self._pull(q.variable, ids, q.slot, q.row_start, q.row_stop, "push_pull")
+                        for q, ids in zip(request.pulls, pull_ids)]
+        pushed = self.push(request.push, grads, record, then=pull_all)
+        if pushed.duplicate:   # answered from the exactly-once window: the rows as they are now
+            pull_all()
         return pushed, pulls
 
     @_handler

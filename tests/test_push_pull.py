@@ -70,3 +70,37 @@ def test_lazy_adam_rows_of_any_rank_on_numba(numba_client, unique):
                            var - lr * m / (np.sqrt(v) + 1e-7), var)
         np.testing.assert_allclose(got, var, rtol=1e-5, atol=1e-7, err_msg=k)
         assert np.all(got[[0, 2, 3, 4]] == 0)
+
+
+@pytest.mark.parametrize("data_plane", [True, False])
+def test_push_pull_reads_its_own_step_and_no_later_one(numba_server, unique, data_plane):
+    """Concurrent pushers move row 0 by -1 per step (SGD, lr 1): the rows a PushPull returns are
+    those right after its own step, never one of the other workers' later steps."""
+    import threading
+    opt, var = f"{unique}_o", f"{unique}_v"
+    with sparseps.connect(numba_server.address) as admin:
+        admin.create_optimizer(opt, "SGD", learning_rate=1.0)
+        admin.create_variable(var, initial_value=np.zeros((4, 2), np.float32), optimizer=opt)
+    one = {var: (np.array([0]), np.ones((1, 2), np.float32))}
+    stop, errors = threading.Event(), []
+
+    def pusher():
+        try:
+            with sparseps.connect(numba_server.address, data_plane=data_plane) as c:
+                while not stop.is_set():
+                    c.push(one)
+        except Exception as e:   # noqa: BLE001 -- reported below
+            errors.append(e)
+    threads = [threading.Thread(target=pusher) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        with sparseps.connect(numba_server.address, data_plane=data_plane) as c:
+            for _ in range(150):
+                it, rows = c.push_pull(one, {var: np.array([0])})
+                assert rows[var][0].tolist() == [-float(it)] * 2, (it, rows[var])
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert not errors, errors
