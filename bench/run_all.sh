@@ -2,7 +2,7 @@
 # Run every benchmark of bench/ once, in sequence, with one command:
 #
 #     bench/run_all.sh                      # all parts (~9 min on the 2-core dev box)
-#     PARTS="e2e peer" bench/run_all.sh     # a subset of: apply step e2e facts cluster peer wal
+#     PARTS="e2e peer" bench/run_all.sh     # a subset of: apply step e2e facts cluster peer wal profile
 #     SMOKE=1 bench/run_all.sh              # tiny settings: checks that everything runs (~3 min)
 #
 # Each part writes bench/results/<part>_<UTC time>.{json,md}; this script also appends what it
@@ -12,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 PEER_PY=${PEER_PY:-.venv-golden/bin/python}
-PARTS=${PARTS:-"apply step e2e facts cluster peer wal"}
+PARTS=${PARTS:-"apply step e2e facts cluster peer wal profile"}
 mkdir -p bench/results
 LOG=bench/results/run_log.txt
 
@@ -40,6 +40,7 @@ if [[ -n "${SMOKE:-}" ]]; then
     APPLY=(--rows 20000 --reps 1 --batches 4096)
     STEP=(--rows 20000 --steps 50 --rounds 1)
     WAL=(--seconds 1 --rounds 1 --rows 20000)
+    PROF=(--rows 20000 --reps 20 --dur 2)
 else
     E2E=()
     FACTS=()
@@ -48,6 +49,7 @@ else
     APPLY=(--reps 5)
     STEP=()
     WAL=(--seconds 4 --rounds 2)
+    PROF=()
 fi
 
 for part in $PARTS; do
@@ -69,10 +71,11 @@ for part in $PARTS; do
         wal)
             stamp=$(date -u +%Y%m%dT%H%M%S)
             run wal "$PY" bench/bench_wal.py "${WAL[@]}" | tee "bench/results/wal_$stamp.md" ;;
+        profile) run profile "$PY" bench/profile_step.py "${PROF[@]}" ;;
         peer)   # one run per worker count keeps each run under ~3 minutes
             for w in ${PEER_WORKERS:-1 2}; do
                 run "peer-w$w" "$PY" bench/compare_peer.py --peer-python "$PEER_PY" --workers "$w" "${PEER[@]}"
             done ;;
-        *) echo "unknown part $part (apply step e2e facts cluster peer wal)" >&2; exit 2 ;;
+        *) echo "unknown part $part (apply step e2e facts cluster peer wal profile)" >&2; exit 2 ;;
     esac
 done
