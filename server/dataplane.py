@@ -11,6 +11,7 @@ import logging
 import os
 import socket
 import ssl
+import struct
 import threading
 import time
 
@@ -104,14 +105,24 @@ class DataPlane:
                     self._conns[sock] = self._conns.pop(raw, False)
             role = "admin" if self.auth is None else None
             head = bytearray(frames.HEADER.size)
+            # A sender that stalls mid-frame (or stops reading its answer) loses the connection; an
+            # idle pooled connection may wait for ever. On plain TCP the kernel times the reads and
+            # writes (SO_RCVTIMEO / SO_SNDTIMEO on a blocking socket): Python's own timeouts would
+            # add a poll() and a GIL round trip to every read.
+            plain = self.tls is None
+            if plain:
+                _kernel_timeouts(sock, self.frame_timeout)
             while not self._stopping:
-                if not frames.recv_exact(sock, memoryview(head)):
+                if not (self._next_frame(sock, memoryview(head)) if plain else
+                        frames.recv_exact(sock, memoryview(head))):
                     return
                 with self._lock:
                     self._conns[sock] = True
-                sock.settimeout(self.frame_timeout)   # a sender that stalls mid-frame loses the connection
+                if not plain:
+                    sock.settimeout(self.frame_timeout)
                 role = self._frame(sock, bytes(head), role)
-                sock.settimeout(None)                 # an idle pooled connection may wait for ever
+                if not plain:
+                    sock.settimeout(None)
                 with self._lock:
                     self._conns[sock] = False
         except (ConnectionError, ValueError, OSError, ssl.SSLError) as e:
@@ -122,6 +133,19 @@ class DataPlane:
                 self._conns.pop(sock, None)
                 self._conns.pop(raw, None)
             _shutdown(sock)
+
+    def _next_frame(self, sock, view) -> bool:
+        """Wait, however long, for the next frame's header; False when the peer closed first."""
+        while True:
+            try:
+                got = sock.recv_into(view)
+                break
+            except BlockingIOError:   # SO_RCVTIMEO with no byte of a new frame: only idle
+                if self._stopping:
+                    return False
+        if got == 0:
+            return False
+        return got == len(view) or frames.recv_exact(sock, view[got:]) or _short()
 
     # ------------------------------------------------------------------ one frame
     def _frame(self, sock, head: bytes, role):
@@ -295,6 +319,15 @@ def _pull_estimate(shard, request) -> int:
 
 def _short():
     raise ConnectionError("connection closed in the middle of a frame")
+
+
+def _kernel_timeouts(sock, seconds: float):
+    """Blocking reads and writes that fail (EAGAIN) after `seconds` without progress."""
+    if not 0 < seconds < 1e9:
+        return
+    tv = struct.pack("ll", int(seconds), int((seconds % 1) * 1e6))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
 
 
 def _shutdown(sock):
