@@ -13,7 +13,6 @@ import tempfile
 import threading
 import types
 
-import grpc
 import numpy as np
 
 from sparseps import errors, frames
@@ -170,8 +169,7 @@ class DataChannel:
         frames.recv_exact(sock, memoryview(meta))
         if status:
             frames.recv_exact(sock, memoryview(bytearray(payload_len)))
-            code = next((c for c in grpc.StatusCode if c.value[0] == status), grpc.StatusCode.UNKNOWN)
-            raise errors._BY_CODE.get(code, errors.Error)(meta.decode("utf-8", "replace"), code)
+            raise errors.from_status(status, meta.decode("utf-8", "replace"))
         msg = frames.RESPONSES[method].FromString(bytes(meta))
         arrays = []
         for t, _ in frames.tensors(msg):

@@ -73,9 +73,18 @@ _BY_CODE = {cls.code: cls for cls in (
     Unavailable, DeadlineExceeded, PermissionDenied, Unauthenticated, Aborted, Internal)}
 
 
+_BY_NUMBER = {c.value[0]: c for c in grpc.StatusCode}
+
+
+def from_status(code, message: str) -> Error:
+    """The Error subclass for a status: a grpc.StatusCode, or its number (a data-plane frame's)."""
+    if not isinstance(code, grpc.StatusCode):
+        code = _BY_NUMBER.get(code, grpc.StatusCode.UNKNOWN)
+    return _BY_CODE.get(code, Error)(message, code)
+
+
 def from_rpc_error(err: grpc.RpcError) -> Error:
     """The Error subclass matching a failed call's status code."""
     code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
     details = err.details() if hasattr(err, "details") else str(err)
-    cls = _BY_CODE.get(code, Error)
-    return cls(details or code.name, code)
+    return from_status(code, details or code.name)

@@ -253,17 +253,12 @@ class DataPlane:
         return out, arrays
 
     def _needs_bytes(self, push) -> bool:
-        pipeline = self.service.pushes
-        if pipeline.sync is None:
+        sync = self.service.pushes.sync
+        if sync is None:
             return False
-        shard = self.service.shard
-        names = set(push.optimizers)
-        for g in push.gradients:
-            var = shard.variables.get(g.variable)
-            if var is not None:
-                names.add(var.optimizer)
-        return any(n in shard.optimizers and shard.optimizers[n].consistency.get("mode", "async") == "sync"
-                   for n in names)
+        variables = self.service.shard.variables
+        return sync.handles(list(push.optimizers) + [variables[g.variable].optimizer for g in push.gradients
+                                                     if g.variable in variables])
 
     def _hello(self, sock, meta: bytes, payload_len: int):
         """HELLO: metadata pairs (`key: value` lines) -> the connection's role and the server's info."""

@@ -169,7 +169,11 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
         return pb.ListVariablesResponse(variables=[self._variable_info(v) for v in list(self.shard.variables.values())])
 
     def _pull(self, name, ids, slot, row_start, row_stop, what):
-        values, gids, iterations = self.shard.pull(name, ids, slot, row_start, row_stop)
+        return self._answer(name, ids, self.shard.pull(name, ids, slot, row_start, row_stop), what)
+
+    def _answer(self, name, ids, read, what):
+        """A read's (values, global ids of a range pull or None, iterations), checked and counted."""
+        values, gids, iterations = read
         if self.max_message:
             size = values.nbytes + (gids.nbytes if ids is None else 0) + 64
             if size > self.max_message:
@@ -290,15 +294,14 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
                 raise errors.FailedPrecondition(f"push_pull: optimizer {name!r} is in "
                                                 f"{self.shard.optimizer(name).consistency['mode']} mode, whose steps "
                                                 "wait for other workers; use push and pull")
-        for q, ids in zip(request.pulls, pull_ids):   # a pull that cannot succeed refuses the whole call first
-            var = self.shard.variable(q.variable)
-            if ids is not None:
-                var.local_ids(ids, "push_pull")
+        # a pull that cannot succeed refuses the whole call first
+        located = [self.shard.locate(q.variable, ids, q.row_start, q.row_stop, "push_pull")
+                   for q, ids in zip(request.pulls, pull_ids)]
         pulls = []
 
         def pull_all():   # under the push's hold of the shard lock: one handoff fewer per call
-            pulls[:] = [self._pull(q.variable, ids, q.slot, q.row_start, q.row_stop, "push_pull")
-                        for q, ids in zip(request.pulls, pull_ids)]
+            pulls[:] = [self._answer(q.variable, ids, self.shard.read(*loc, q.slot), "push_pull")
+                        for q, ids, loc in zip(request.pulls, pull_ids, located)]
         pushed = self.push(request.push, grads, record, then=pull_all)
         if pushed.duplicate:   # answered from the exactly-once window: the rows as they are now
             pull_all()

@@ -233,12 +233,22 @@ class Shard:
         return None, gids
 
     def pull(self, name: str, ids=None, slot: str = "", row_start: int = 0, row_stop: int = 0):
+        return self.read(*self.locate(name, ids, row_start, row_stop, "pull"), slot)
+
+    def locate(self, name: str, ids=None, row_start: int = 0, row_stop: int = 0, what: str = "pull"):
+        """(variable, local rows or None for all, global ids of a range or None): a pull's checks,
+        all of which need no lock."""
         var = self.variable(name)
-        rows, gids = self._rows(var, ids, row_start, row_stop, "pull")
+        rows, gids = self._rows(var, ids, row_start, row_stop, what)
         n = (len(rows) if rows is not None else var.local_rows) * int(np.prod(var.shape[1:], dtype=np.int64))
         if n > self.max_pull_elements:
-            raise InvalidArgument(f"pull of {name!r}: {n} elements exceed the limit of {self.max_pull_elements}; "
+            raise InvalidArgument(f"{what} of {name!r}: {n} elements exceed the limit of {self.max_pull_elements}; "
                                   "pull fewer rows at a time")
+        return var, rows, gids
+
+    def read(self, var: Variable, rows, gids, slot: str = ""):
+        """(values, gids, iterations) of located rows, read under the lock."""
+        name = var.name
         with self.lock:
             if slot:
                 if slot not in var.slots:

@@ -119,8 +119,9 @@ class SyncManager:
         return max(64, 4 * int(opt.consistency.get("total_num_replicas") or 1))
 
     # ------------------------------------------------------------------ pipeline hook: phase 1
-    def handles(self, by_opt) -> bool:
-        return any(self._mode(o) == "sync" for o in by_opt)
+    def handles(self, optimizer_names) -> bool:
+        """Whether any of these optimizers is in sync mode (a push to it is a prepare)."""
+        return any(self._mode(o) == "sync" for o in optimizer_names)
 
     def push(self, request, by_opt, received: float) -> "pb.PushResponse":
         """PREPARE: validate (done by the caller), log and store a replica's part of step `request.step`."""
