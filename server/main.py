@@ -162,13 +162,18 @@ def security(args, shard=None):
     return credentials, interceptors
 
 
+def memory_budget(interceptors):
+    """The MemoryBudget that the gRPC interceptor, the data plane and the metrics share (or None)."""
+    from .limits import LimitsInterceptor
+    return next((i.budget for i in interceptors if isinstance(i, LimitsInterceptor)), None)
+
+
 def start_data_plane(args, service, interceptors):
     from .auth import AuthInterceptor
     from .dataplane import DataPlane, server_tls_context
-    from .limits import LimitsInterceptor
     tls = server_tls_context(args.tls_cert, args.tls_key, args.tls_ca) if args.tls_cert else None
     auth = next((i for i in interceptors if isinstance(i, AuthInterceptor)), None)
-    budget = next((i.budget for i in interceptors if isinstance(i, LimitsInterceptor)), None)
+    budget = memory_budget(interceptors)
     try:
         plane = DataPlane(service, args.host, args.data_port, tls=tls, auth=auth, budget=budget,
                           max_message=args.max_message_mb << 20)
@@ -211,7 +216,7 @@ def serve(args, ready: threading.Event | None = None):
     metrics = None
     if args.metrics_port:
         from .metrics import ServerMetrics
-        metrics = ServerMetrics(shard)   # before the pipeline: a replay's applies are measured too
+        metrics = ServerMetrics(shard, budget=memory_budget(interceptors))   # before the pipeline: a replay's applies are measured too
     pipeline = open_pipeline(shard, args)
     pipeline.metrics = metrics
     service = ParameterServerService(shard, cluster, metrics=metrics, pushes=pipeline)

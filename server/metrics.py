@@ -20,6 +20,9 @@ What is measured where (every name starts with `sparseps_`; every series has a `
   optimizer_iterations{optimizer}       gauge      steps applied (read from the shard at scrape time)
   variable_rows{variable}, variable_bytes{variable}  gauge  rows and bytes held here, slots included
   shard_info{num_shards,backend,device,version}      gauge  always 1
+  memory_budget_bytes, memory_budget_in_use_bytes    gauge  --memory-budget-mb, and the bytes of the
+                                                   requests (and pull answers) admitted and not yet done
+  requests_shed_total                   counter    requests refused because they would exceed the budget
 plus the standard process_* metrics (CPU, resident memory, open files).
 
 Label cardinality is bounded: the first `max_variables` variable names (and `max_optimizers`
@@ -32,7 +35,7 @@ shard lock: the gauges read plain attributes at scrape time.
 import threading
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import start_http_server
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
@@ -75,9 +78,9 @@ class LabelCap:
 class ServerMetrics:
     """Metrics of one shard. Pass it to ParameterServerService(..., metrics=) and call serve()."""
 
-    def __init__(self, shard, *, max_variables: int = 100, max_optimizers: int = 20,
+    def __init__(self, shard, *, budget=None, max_variables: int = 100, max_optimizers: int = 20,
                  registry: CollectorRegistry | None = None, process_metrics: bool = True):
-        self.shard = shard
+        self.shard, self.budget = shard, budget   # budget: the limits.MemoryBudget both transports share
         self.registry = registry or CollectorRegistry()
         self.variable_label = LabelCap(max_variables)
         self.optimizer_label = LabelCap(max_optimizers)
@@ -277,7 +280,22 @@ class _ShardCollector:
         info = GaugeMetricFamily("sparseps_shard_info", "Static facts about this shard (value 1)",
                                  labels=["shard", "num_shards", "backend", "device", "version"])
         info.add_metric([sl, str(shard.num_shards), shard.bk.name, str(shard.bk.device), VERSION], 1)
-        return [its, rows, nbytes, count, info]
+        out = [its, rows, nbytes, count, info]
+        b = m.budget
+        if b is not None:
+            limit = GaugeMetricFamily("sparseps_memory_budget_bytes", "The memory budget (--memory-budget-mb)",
+                                      labels=["shard"])
+            limit.add_metric([sl], b.limit)
+            in_use = GaugeMetricFamily("sparseps_memory_budget_in_use_bytes",
+                                       "Bytes of requests and pull answers admitted and not yet done",
+                                       labels=["shard"])
+            in_use.add_metric([sl], b.in_use)
+            shed = CounterMetricFamily("sparseps_requests_shed",
+                                       "Requests refused because they would exceed the memory budget",
+                                       labels=["shard"])
+            shed.add_metric([sl], b.shed)
+            out += [limit, in_use, shed]
+        return out
 
 
 def _version():

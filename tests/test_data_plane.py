@@ -116,8 +116,8 @@ def decoded(answer, method=frames.PULL):
 def refused(answer, code, *fragments, method=None):
     assert answer is not None, "the server closed the connection instead of answering"
     got, status, meta, payload = answer
+    assert CODE.get(status) == code, (CODE.get(status), meta[:300])
     text = meta.decode()
-    assert CODE.get(status) == code, (CODE.get(status), text)
     assert payload == b"" and (method is None or got == method)
     for f in fragments:
         assert f in text, f"{f!r} not in {text!r}"
@@ -602,8 +602,10 @@ def test_mutual_tls_and_tokens_data_plane(mtls_server, pki):
 # ---------------------------------------------------------------------------- 5. memory budget
 def test_memory_budget_sheds_an_over_budget_frame_and_the_connection_serves_on():
     """--memory-budget-mb sheds backlog (a lone request is always admitted): a push whose payload is
-    still arriving holds 0.9 MiB of a 1 MiB budget while other frames come in."""
-    with LocalServer("--backend", "numpy", "--memory-budget-mb", "1", "--no-malloc-tuning") as srv, \
+    still arriving holds 0.9 MiB of a 1 MiB budget while other frames come in. The metrics show it."""
+    mport, = free_ports(1)
+    with LocalServer("--backend", "numpy", "--memory-budget-mb", "1", "--no-malloc-tuning",
+                     "--metrics-port", str(mport)) as srv, \
             sparseps.connect(srv.address, data_plane=False, timeout=10, retry_deadline=5) as admin_c, \
             sparseps.connect(srv.address, timeout=10, retry_deadline=5) as c:
         admin_c.create_optimizer("lazy", "LazyAdam", learning_rate=0.1)
@@ -617,14 +619,14 @@ def test_memory_budget_sheds_an_over_budget_frame_and_the_connection_serves_on()
         with Conn(port) as slow, Conn(port) as conn:
             slow.send_raw(frames.PUSH, slow_req.SerializeToString(), slow_payload[:1000],
                           payload_len=len(slow_payload))
-            # a pull whose answer would not fit beside it (1000 rows x (256 + 8) bytes): shed once the
-            # slow push holds its share (until then it is served, and changes nothing)
-            deadline = time.monotonic() + 10
-            while True:
-                answer = conn.call(frames.PULL, *pull_msg("emb", np.arange(1000) % 400))
-                if answer[1] != OK or time.monotonic() > deadline:
-                    break
+            # wait until the slow push holds its share (a pull in flight when it arrives would have it
+            # shed instead: a lone request is always admitted, but not beside another)
+            deadline = time.monotonic() + 30
+            while budget_metrics(mport)[1] < len(slow_payload):
+                assert time.monotonic() < deadline, "the slow push was never admitted"
                 time.sleep(0.01)
+            # a pull whose answer would not fit beside it (1000 rows x (256 + 8) bytes)
+            answer = conn.call(frames.PULL, *pull_msg("emb", np.arange(1000) % 400))
             refused(answer, grpc.StatusCode.RESOURCE_EXHAUSTED, "memory budget", method=frames.PULL)
             # a push of 1000 rows: shed, nothing applied, and the connection stays in step
             big = push_msg([("emb", np.arange(1000) % 400, np.ones((1000, 64), np.float32))])
@@ -643,7 +645,15 @@ def test_memory_budget_sheds_an_over_budget_frame_and_the_connection_serves_on()
             assert msg.iterations[0].iterations == 2
             msg, _ = decoded(conn.call(frames.PUSH, *big), frames.PUSH)
             assert msg.iterations[0].iterations == 3
+            assert budget_metrics(mport) == (1 << 20, 0, 4)   # limit, in use, shed (3 frames and c.push)
         assert c.push({"emb": (np.arange(1000) % 400, np.ones((1000, 64), np.float32))}) == 4
+
+
+def budget_metrics(port):
+    """(sparseps_memory_budget_bytes, ..._in_use_bytes, sparseps_requests_shed_total) of a shard."""
+    m = scrape(port)
+    return tuple(next(v for (n, _), v in m.items() if n == name) for name in (
+        "sparseps_memory_budget_bytes", "sparseps_memory_budget_in_use_bytes", "sparseps_requests_shed_total"))
 
 
 def test_a_sender_stalled_mid_frame_is_dropped_and_its_budget_released():
