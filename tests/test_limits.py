@@ -142,9 +142,13 @@ def test_waiting_pulls_are_bounded():
         assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and time.perf_counter() - t < 2
         waiting = [stub.Pull.future(pb.PullRequest(variable="w", min_iterations=2, timeout_seconds=20), timeout=30)
                    for _ in range(2)]
-        time.sleep(0.5)
-        with pytest.raises(grpc.RpcError) as e:
-            stub.Pull(pb.PullRequest(variable="w", min_iterations=2, timeout_seconds=20), timeout=5)
+        # a third waiter is refused once both are waiting (until then it waits 50 ms and times out)
+        deadline = time.monotonic() + 30
+        while True:
+            with pytest.raises(grpc.RpcError) as e:
+                stub.Pull(pb.PullRequest(variable="w", min_iterations=2, timeout_seconds=0.05), timeout=5)
+            if e.value.code() != grpc.StatusCode.DEADLINE_EXCEEDED or time.monotonic() > deadline:
+                break
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "already waiting" in e.value.details()
         assert c.push({"w": (np.array([1]), np.ones((1, 2), np.float32))}) == 1    # pushes still get a thread
         assert c.push({"w": (np.array([1]), np.ones((1, 2), np.float32))}) == 2
