@@ -10,6 +10,8 @@ What is measured where (every name starts with `sparseps_`; every series has a `
   requests_total{method}                counter    every RPC handled
   requests_rejected_total{method,code}  counter    RPCs that ended in an error status (code = gRPC name)
   requests_in_flight                    gauge      RPCs being handled now
+  pulls_waiting                         gauge      pulls blocked until a step is applied (min_iterations;
+                                                   at most --threads/2, the rest are refused UNAVAILABLE)
   pushes_total{optimizer}               counter    pushes applied (sync mode: prepared), per optimizer
   stale_gradients_dropped_total{optimizer}  counter sync mode: pushes (prepares, or votes on shard 0) for
                                                    a step already applied
@@ -103,6 +105,8 @@ class ServerMetrics:
                                       s + ("method", "code"), registry=r)
         self.in_flight = Gauge("sparseps_requests_in_flight", "RPCs being handled", s,
                                registry=r).labels(self.shard_label)
+        self.pulls_waiting = Gauge("sparseps_pulls_waiting", "Pulls blocked waiting for a step (min_iterations)",
+                                   s, registry=r).labels(self.shard_label)
         self.pushes = Counter("sparseps_pushes", "Pushes applied (sync mode: prepared), per optimizer",
                               s + ("optimizer",),
                               registry=r)

@@ -232,11 +232,15 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
                             f"pull of {request.variable!r}: {self._waiting} pulls are already waiting for steps "
                             "(a waiting pull holds a server thread; the rest serve pushes); retry later")
                     self._waiting += 1
+                if self.metrics is not None:
+                    self.metrics.pulls_waiting.inc()
                 try:
                     self.pushes.wait_for(request.variable, request.min_iterations, t)
                 finally:
                     with self._waiting_lock:
                         self._waiting -= 1
+                    if self.metrics is not None:
+                        self.metrics.pulls_waiting.dec()
             if request.worker_id and self.pushes.sync is not None:   # bounded staleness
                 self.pushes.sync.wait_bounded(request.variable, request.worker_id, t)
         return self._pull(request.variable, ids, request.slot, request.row_start, request.row_stop, "pull")

@@ -24,7 +24,7 @@ from sparseps.local import LocalServer, free_ports
 from sparseps.proto import sparseps_pb2 as pb
 
 from test_bad_input import same, snapshot
-from test_metrics import scrape
+from test_metrics import sample, scrape, wait_until
 from test_security import TOKENS, mtls_server, pki, tls_server  # noqa: F401  (module-scoped fixtures)
 
 MAX_MB = 1          # the frame-checking server's --max-message-mb
@@ -621,10 +621,8 @@ def test_memory_budget_sheds_an_over_budget_frame_and_the_connection_serves_on()
                           payload_len=len(slow_payload))
             # wait until the slow push holds its share (a pull in flight when it arrives would have it
             # shed instead: a lone request is always admitted, but not beside another)
-            deadline = time.monotonic() + 30
-            while budget_metrics(mport)[1] < len(slow_payload):
-                assert time.monotonic() < deadline, "the slow push was never admitted"
-                time.sleep(0.01)
+            wait_until(lambda: sample(mport, "sparseps_memory_budget_in_use_bytes") >= len(slow_payload),
+                       what="the slow push to be admitted")
             # a pull whose answer would not fit beside it (1000 rows x (256 + 8) bytes)
             answer = conn.call(frames.PULL, *pull_msg("emb", np.arange(1000) % 400))
             refused(answer, grpc.StatusCode.RESOURCE_EXHAUSTED, "memory budget", method=frames.PULL)
@@ -645,15 +643,10 @@ def test_memory_budget_sheds_an_over_budget_frame_and_the_connection_serves_on()
             assert msg.iterations[0].iterations == 2
             msg, _ = decoded(conn.call(frames.PUSH, *big), frames.PUSH)
             assert msg.iterations[0].iterations == 3
-            assert budget_metrics(mport) == (1 << 20, 0, 4)   # limit, in use, shed (3 frames and c.push)
+            budget = [sample(mport, f"sparseps_{n}") for n in ("memory_budget_bytes", "memory_budget_in_use_bytes",
+                                                               "requests_shed_total")]
+            assert budget == [1 << 20, 0, 4]   # limit, in use, shed (3 frames and c.push)
         assert c.push({"emb": (np.arange(1000) % 400, np.ones((1000, 64), np.float32))}) == 4
-
-
-def budget_metrics(port):
-    """(sparseps_memory_budget_bytes, ..._in_use_bytes, sparseps_requests_shed_total) of a shard."""
-    m = scrape(port)
-    return tuple(next(v for (n, _), v in m.items() if n == name) for name in (
-        "sparseps_memory_budget_bytes", "sparseps_memory_budget_in_use_bytes", "sparseps_requests_shed_total"))
 
 
 def test_a_sender_stalled_mid_frame_is_dropped_and_its_budget_released():

@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 
 import sparseps
-from sparseps.local import LocalServer
+from sparseps.local import LocalServer, free_ports
 from sparseps.proto import sparseps_pb2 as pb
 from sparseps.proto import sparseps_pb2_grpc as pb_grpc
 from sparseps.server.limits import MemoryBudget
 from sparseps.tensors import to_tensor
+from test_metrics import sample, wait_until
 
 MiB = 1 << 20
 
@@ -127,7 +128,9 @@ def test_backlog_over_budget_is_shed(small_server):
 def test_waiting_pulls_are_bounded():
     """Pulls waiting for a step: bad timeouts refused, waits end at the call's deadline, and at most
     --threads/2 wait at once (UNAVAILABLE beyond), so pushes keep a thread."""
-    with LocalServer("--backend", "numpy", "--threads", "4", "--no-malloc-tuning") as srv:
+    mport, = free_ports(1)
+    with LocalServer("--backend", "numpy", "--threads", "4", "--no-malloc-tuning",
+                     "--metrics-port", str(mport)) as srv:
         c = sparseps.connect(srv.address, timeout=10)
         c.create_optimizer("sgd_w", "SGD", learning_rate=1.0)
         c.create_variable("w", shape=(4, 2), optimizer="sgd_w")
@@ -140,18 +143,17 @@ def test_waiting_pulls_are_bounded():
         with pytest.raises(grpc.RpcError) as e:     # asks for 1e300 s: the call's 0.5 s deadline wins
             stub.Pull(pb.PullRequest(variable="w", min_iterations=5, timeout_seconds=1e300), timeout=0.5)
         assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and time.perf_counter() - t < 2
+        wait_until(lambda: sample(mport, "sparseps_pulls_waiting") == 0)   # the server's end of that call is over too
         waiting = [stub.Pull.future(pb.PullRequest(variable="w", min_iterations=2, timeout_seconds=20), timeout=30)
                    for _ in range(2)]
-        # a third waiter is refused once both are waiting (until then it waits 50 ms and times out)
-        deadline = time.monotonic() + 30
-        while True:
-            with pytest.raises(grpc.RpcError) as e:
-                stub.Pull(pb.PullRequest(variable="w", min_iterations=2, timeout_seconds=0.05), timeout=5)
-            if e.value.code() != grpc.StatusCode.DEADLINE_EXCEEDED or time.monotonic() > deadline:
-                break
+        wait_until(lambda: sample(mport, "sparseps_pulls_waiting") == 2)
+        assert not any(f.done() for f in waiting)
+        with pytest.raises(grpc.RpcError) as e:          # a third is refused
+            stub.Pull(pb.PullRequest(variable="w", min_iterations=2, timeout_seconds=20), timeout=5)
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "already waiting" in e.value.details()
         assert c.push({"w": (np.array([1]), np.ones((1, 2), np.float32))}) == 1    # pushes still get a thread
         assert c.push({"w": (np.array([1]), np.ones((1, 2), np.float32))}) == 2
         for f in waiting:                            # and the step they waited for releases them
             assert f.result().iterations == 2
         c.close()
+

@@ -3,6 +3,7 @@
 Every number asserted here is one the test caused: pushes, rows, bytes, rejected calls, slots.
 """
 import socket
+import time
 import urllib.request
 
 import numpy as np
@@ -29,6 +30,20 @@ def scrape(port: int) -> dict:
         for s in family.samples:
             out[(s.name, frozenset(s.labels.items()))] = s.value
     return out
+
+
+def sample(port: int, name: str) -> float:
+    """The one sample called `name` at http://127.0.0.1:port/metrics."""
+    (v,) = [v for (n, _), v in scrape(port).items() if n == name]
+    return v
+
+
+def wait_until(condition, seconds: float = 30.0, what: str = "the server"):
+    """Poll condition() every 10 ms; fail after `seconds` (a generous bound for a slow CI machine)."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out after {seconds} s waiting for {what}"
+        time.sleep(0.01)
 
 
 def value(samples, name, **labels):
