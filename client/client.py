@@ -680,8 +680,11 @@ class Client:
     def _vote(self, optimizer: str, step: int, seq: int) -> int:
         """Sync mode, phase 2: tell the coordinator (shard 0) this push is prepared on every shard;
         it answers once the step is committed everywhere (iterations after it) or stale."""
-        req = pb.SyncVoteRequest(optimizer=optimizer, step=step, timeout_seconds=0.8 * self.timeout if self.timeout
-                                 else 0.0, replica=pb.ReplicaRef(client_id=self.client_id, sequence=seq))
+        # the coordinator gives up waiting for votes early enough that its answer (how many replicas
+        # voted) reaches us before our own deadline, even on a busy machine
+        wait = max(1e-3, self.timeout - max(0.2 * self.timeout, 0.5)) if self.timeout else 0.0
+        req = pb.SyncVoteRequest(optimizer=optimizer, step=step, timeout_seconds=wait,
+                                 replica=pb.ReplicaRef(client_id=self.client_id, sequence=seq))
         resp = self._each("SyncVote", {0: req})[0]
         if resp.stale:
             raise StaleGradient(f"sync step {step} of {optimizer!r} already had its replicas_to_aggregate gradients "

@@ -74,11 +74,11 @@ class AsyncPusher:
                     self.pushed += 1
             except BaseException as e:   # noqa: BLE001 -- handed to the trainer's thread
                 self._error = e
-            finally:
-                self._slots.release()
+            finally:   # count it done before freeing its slot, so in_flight never exceeds max_in_flight
                 with self._idle:
                     self._pending -= 1
                     self._idle.notify_all()
+                self._slots.release()
 
     @property
     def in_flight(self) -> int:

@@ -215,8 +215,8 @@ def test_prepares_survive_a_crash(tmp_path, unique):
                     assert _in_threads([lambda: a.push({v: (rows, ones)}, step=step),
                                         lambda: b.push({v: (rows, ones)}, step=step)]) == [step + 1, step + 1]
             # replica A's push of step 2: prepared on both shards, admitted, then its wait times out
-            with sparseps.connect(_addresses(servers), client_id="replica-a", timeout=1.0,
-                                  retry_deadline=0.5) as a:
+            with sparseps.connect(_addresses(servers), client_id="replica-a", timeout=3.0,
+                                  retry_deadline=0.5) as a:   # the coordinator waits 2.4 s for votes
                 with pytest.raises(sparseps.DeadlineExceeded, match="1 of 2 replicas"):
                     a.push({v: (rows, 3 * ones)}, step=2)            # its sequence number is 1
         for s in servers:
