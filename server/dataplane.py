@@ -30,6 +30,7 @@ from .service import _clip
 log = logging.getLogger("sparseps.server")
 
 MAX_CONNECTIONS = 512
+DISCARD_SECONDS = 10.0   # how long a refused oversized frame's bytes are still read before closing
 
 
 class _Refusal(Exception):
@@ -200,6 +201,7 @@ class DataPlane:
             svc.observe_error(name, r.code)
             self._error(sock, method, r.code, r.message)
             if r.fatal:
+                self._discard(sock, payload_len)
                 raise ConnectionError(r.message)
             return role
         except errors.Error as e:
@@ -288,6 +290,30 @@ class DataPlane:
         while n > 0:
             frames.recv_exact(sock, scratch[:min(n, len(scratch))]) or _short()
             n -= min(n, len(scratch))
+
+    def _discard(self, sock, n: int, seconds: float = DISCARD_SECONDS):
+        """Before closing on a refused oversized frame: end our side, then read and drop what the
+        sender is still writing (up to n bytes, for `seconds` at most). Closing with bytes unread
+        resets the connection, and a reset can destroy the refusal before the sender reads it; it
+        would see only a broken connection, and retry."""
+        deadline = time.monotonic() + seconds
+        scratch = memoryview(bytearray(min(max(n, 1), 1 << 20)))
+        try:
+            sock.shutdown(socket.SHUT_WR)
+            while n > 0:
+                left = deadline - time.monotonic()
+                if left < 1e-3:   # (a zero kernel timeout would mean none)
+                    return
+                if self.tls is None:
+                    _kernel_timeouts(sock, min(left, self.frame_timeout))
+                else:
+                    sock.settimeout(min(left, self.frame_timeout))
+                got = sock.recv_into(scratch[:min(n, len(scratch))])
+                if not got:
+                    return
+                n -= got
+        except (OSError, ssl.SSLError):
+            return
 
     @staticmethod
     def _error(sock, method, code, message):

@@ -402,6 +402,34 @@ def test_frame_over_the_message_limit_is_refused_and_closes_the_connection(dpc, 
     assert dpc.push({emb: (np.array([3]), np.ones((1, 4), np.float32))}) == 2   # and it still pushes
 
 
+@pytest.mark.parametrize("transport", ["tcp", "tls"])
+def test_a_sender_still_writing_an_oversized_frame_reads_the_refusal(transport, pki):
+    """Refused at its header, a frame whose sender keeps writing its megabytes is read and dropped
+    (for a while) before the connection closes: closing with them unread would reset the connection
+    and could destroy the answer before the sender reads it (it would see only a reset)."""
+    tls = ["--tls-cert", pki["server.pem"], "--tls-key", pki["server.key"]] if transport == "tls" else []
+    with LocalServer("--backend", "numpy", "--max-message-mb", str(MAX_MB), "--no-malloc-tuning", *tls) as srv, \
+            sparseps.connect(srv.address, tls_ca=pki["ca.pem"] if tls else None, timeout=10) as c:
+        c.create_optimizer("o", "LazyAdam", learning_rate=0.1)
+        c.create_variable("emb", initial_value=np.ones((10, 4), np.float32), optimizer="o")
+        before = snapshot(c, "o")
+        n = (4 * MAX_MB << 20) // 24   # rows of 4 float32 plus ids: 4x the limit
+        req = pb.PushRequest(gradients=[pb.Gradient(variable="emb", ids=pb.Tensor(dtype=pb.INT64, shape=[n]),
+                                                    values=pb.Tensor(dtype=pb.FLOAT32, shape=[n, 4]))])
+        ctx = ssl.create_default_context(cafile=pki["ca.pem"]) if tls else None
+        with Conn(data_port(c), tls=ctx) as conn:
+            conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 << 10)
+            conn.send_raw(frames.PUSH, req.SerializeToString(), bytes(n * 24))   # returns once all is read
+            refused(conn.answer(), grpc.StatusCode.RESOURCE_EXHAUSTED, "larger than max message size",
+                    method=frames.PUSH)
+            assert conn.closed()
+        assert same(before, snapshot(c, "o"))
+        # the client's own push of that size over the data plane: the same refusal, not a reset
+        with pytest.raises(sparseps.ResourceExhausted, match="larger than max message size"):
+            c.push({"emb": (np.zeros(n, np.int64), np.ones((n, 4), np.float32))})
+        assert same(before, snapshot(c, "o"))
+
+
 def test_duplicate_sequence_over_the_data_plane_applies_once(dpc, admin, table):
     opt, emb, ker = table
     req, arrays = push_msg([(emb, np.array([4, 4]), np.ones((2, 4), np.float32))], client_id="raw-dp", sequence=5)
