@@ -257,10 +257,12 @@ def test_prefetch_and_async_pushes(numba_client, golden, unique):
     assert int(opt.iterations) == meta["steps"]
     assert users.remote.prefetch_hits == meta["steps"] and items.remote.prefetch_hits == meta["steps"]
     ref = np.array([z[f"step{k}/loss"] for k in range(meta["steps"])])
-    # stale by at most a few steps of a small learning rate: close to, not equal to, the reference
+    # stale by at most a few steps of a small learning rate: close to, not equal to, the reference.
+    # Typically 6e-4 and 0.02; every push held back 20-100 ms (the most staleness max_in_flight=2 and
+    # one prefetched batch allow, as on a slow machine) gives 2.3e-3 and 0.033.
     print(f"prefetch + async: max |loss - reference| {np.max(np.abs(np.array(losses) - ref)):.2e}")
-    assert np.max(np.abs(np.array(losses) - ref)) < 2e-3
-    np.testing.assert_allclose(items.numpy(), z["final/item"], atol=0.02)
+    assert np.max(np.abs(np.array(losses) - ref)) < 4e-3
+    np.testing.assert_allclose(items.numpy(), z["final/item"], atol=0.06)
 
 
 def _worker_loop(client, prefix, batches, max_in_flight, prefetch, results, key):
