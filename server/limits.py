@@ -57,6 +57,36 @@ class MemoryBudget:
             self.in_use -= n
 
 
+class WaitSlots:
+    """How many gRPC worker threads may block at once waiting for other workers (a pull for a
+    step, a bounded-staleness pull, a sync vote). A wait past the limit is refused UNAVAILABLE,
+    which the client retries with backoff: the pool always keeps threads for the pushes and votes
+    that end the waits, however many workers wait."""
+
+    def __init__(self, limit: int, threads: int):
+        self.limit, self.threads = max(1, int(limit)), threads
+        self.in_use = 0
+        self._lock = threading.Lock()
+
+    def acquire(self, what: str):
+        with self._lock:
+            if self.in_use >= self.limit:
+                raise errors.Unavailable(
+                    f"{what}: {self.in_use} calls already wait for other workers on this server, the most "
+                    f"allowed with --threads {self.threads} (the other threads serve the pushes they wait "
+                    "for); the client asks again shortly")
+            self.in_use += 1
+
+    def release(self):
+        with self._lock:
+            self.in_use -= 1
+
+
+def wait_slots_for(threads: int) -> int:
+    """Of `threads` gRPC threads, those that may wait: all but a quarter (at least 2) kept for serving."""
+    return max(1, threads - max(2, threads // 4))
+
+
 class _Ticket:
     """Bytes held for one call; released once, when the call ends (or, failing that, when collected)."""
 

@@ -39,7 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cluster", default=_env("cluster", ""), help="comma-separated addresses of all shards")
     p.add_argument("--allow-nonfinite", action="store_true", default=_env("allow_nonfinite", "") == "1",
                    help="accept NaN/Inf in gradients (rejected by default)")
-    p.add_argument("--threads", type=int, default=int(_env("threads", 16)), help="gRPC worker threads")
+    p.add_argument("--threads", type=int, default=int(_env("threads", 64)),
+                   help="gRPC worker threads (default 64); all but a quarter of them may wait for other workers "
+                        "at once (pulls for a step, bounded-staleness pulls, sync votes)")
     p.add_argument("--data-port", type=int, default=int(_env("data_port", 0)),
                    help="port of the data plane (Pull/Push/PushPull as raw frames, several times cheaper than "
                         "gRPC for large rows; same TLS and tokens): 0 = pick a free one (default), -1 = off")
@@ -192,6 +194,7 @@ def serve(args, ready: threading.Event | None = None):
     from sparseps.proto import sparseps_pb2_grpc as pb_grpc
 
     from . import backends
+    from .limits import WaitSlots, wait_slots_for
     from .service import ParameterServerService
     from .state import Shard
 
@@ -221,7 +224,7 @@ def serve(args, ready: threading.Event | None = None):
     pipeline.metrics = metrics
     service = ParameterServerService(shard, cluster, metrics=metrics, pushes=pipeline)
     service.max_message = limit
-    service.max_waiting_pulls = max(1, args.threads // 2)   # the other half keeps serving pushes
+    service.waits = WaitSlots(wait_slots_for(args.threads), args.threads)   # the rest serve the pushes waited for
     pb_grpc.add_ParameterServerServicer_to_server(service, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

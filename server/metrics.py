@@ -10,8 +10,9 @@ What is measured where (every name starts with `sparseps_`; every series has a `
   requests_total{method}                counter    every RPC handled
   requests_rejected_total{method,code}  counter    RPCs that ended in an error status (code = gRPC name)
   requests_in_flight                    gauge      RPCs being handled now
-  pulls_waiting                         gauge      pulls blocked until a step is applied (min_iterations;
-                                                   at most --threads/2, the rest are refused UNAVAILABLE)
+  calls_waiting{method}                 gauge      gRPC calls holding a thread while they wait for other
+                                                   workers: Pull (min_iterations, bounded staleness) and
+                                                   SyncVote; beyond the limit they are refused UNAVAILABLE
   pushes_total{optimizer}               counter    pushes applied (sync mode: prepared), per optimizer
   stale_gradients_dropped_total{optimizer}  counter sync mode: pushes (prepares, or votes on shard 0) for
                                                    a step already applied
@@ -105,8 +106,9 @@ class ServerMetrics:
                                       s + ("method", "code"), registry=r)
         self.in_flight = Gauge("sparseps_requests_in_flight", "RPCs being handled", s,
                                registry=r).labels(self.shard_label)
-        self.pulls_waiting = Gauge("sparseps_pulls_waiting", "Pulls blocked waiting for a step (min_iterations)",
-                                   s, registry=r).labels(self.shard_label)
+        self.calls_waiting = Gauge("sparseps_calls_waiting",
+                                   "gRPC calls holding a server thread while they wait for other workers",
+                                   s + ("method",), registry=r)
         self.pushes = Counter("sparseps_pushes", "Pushes applied (sync mode: prepared), per optimizer",
                               s + ("optimizer",),
                               registry=r)
@@ -156,6 +158,10 @@ class ServerMetrics:
         self._child(self.requests, method).inc()
         if method in PULL_METHODS:
             self.pull_latency.observe(seconds)
+
+    def waiting(self, method: str, delta: int):
+        """A call began (+1) or ended (-1) holding a thread to wait for other workers."""
+        self._child(self.calls_waiting, method).inc(delta)
 
     def rejected(self, method: str, code):
         """An RPC ended with an error status; code is a grpc.StatusCode (or its name)."""

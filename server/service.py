@@ -19,6 +19,7 @@ from sparseps.proto import sparseps_pb2 as pb
 from sparseps.proto import sparseps_pb2_grpc as pb_grpc
 from sparseps.tensors import from_tensor, to_tensor
 
+from .limits import WaitSlots, wait_slots_for
 from .pushes import PushPipeline, gradients_of
 
 log = logging.getLogger("sparseps.server")
@@ -94,7 +95,6 @@ MAX_WAIT_SECONDS = 600.0   # the longest a pull may wait for a step (min_iterati
 
 class ParameterServerService(pb_grpc.ParameterServerServicer):
     max_message = 0            # the server's message limit; a pull answer over it is refused clearly
-    max_waiting_pulls = 8      # pulls that may block a worker thread waiting for steps at once
     data_port = 0              # the data plane's port, advertised in ServerInfo (0 = none)
     data_tls = False
     def __init__(self, shard, cluster=(), metrics=None, pushes=None):
@@ -102,7 +102,7 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
         self.cluster = list(cluster)
         self.metrics = metrics
         self.pushes = pushes if pushes is not None else PushPipeline(shard)  # every state change goes here
-        self._waiting = 0
+        self.waits = WaitSlots(wait_slots_for(16), 16)   # main.serve sizes it from --threads
         self._waiting_lock = threading.Lock()
         self._active = 0   # pulls and pushes being served right now (both transports)
 
@@ -118,6 +118,19 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
     def observe_latency(self, method, seconds):
         if self.metrics is not None:
             self.metrics.latency(method, seconds)
+
+    @contextlib.contextmanager
+    def waiting(self, method: str, what: str):
+        """Hold one of the gRPC threads allowed to wait for other workers (or raise UNAVAILABLE)."""
+        self.waits.acquire(what)
+        if self.metrics is not None:
+            self.metrics.waiting(method, +1)
+        try:
+            yield
+        finally:
+            self.waits.release()
+            if self.metrics is not None:
+                self.metrics.waiting(method, -1)
 
     # ---- info ----
     def _optimizer_info(self, opt) -> "pb.OptimizerInfo":
@@ -196,7 +209,7 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
     def Pull(self, request, context):
         ids = from_tensor(request.ids, "pull ids") if request.HasField("ids") else None
         with self.serving():
-            return self._pull_response(*self.pull(request, ids, context.time_remaining()))
+            return self._pull_response(*self.pull(request, ids, context.time_remaining(), pooled=True))
 
     @contextlib.contextmanager
     def serving(self):
@@ -213,8 +226,10 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
             with self._waiting_lock:
                 self._active -= 1
 
-    def pull(self, request, ids, remaining=None):
-        """A pull, after any wait it asks for: (values, global ids of a range pull or None, iterations)."""
+    def pull(self, request, ids, remaining=None, pooled=False):
+        """A pull, after any wait it asks for: (values, global ids of a range pull or None, iterations).
+        pooled: it runs on a gRPC pool thread, so a wait takes one of the limited wait slots (a
+        data-plane connection has its own thread)."""
         waits = request.min_iterations or (request.worker_id and self.pushes.sync is not None)
         if waits:
             t = request.timeout_seconds
@@ -224,25 +239,13 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
             # never wait past the call's own deadline, nor longer than MAX_WAIT_SECONDS
             t = min(t or 60.0, MAX_WAIT_SECONDS, remaining if remaining is not None else math.inf)
             t = max(t, 1e-3)
+            def slot(what):
+                return self.waiting("Pull", what) if pooled else contextlib.nullcontext()
             if request.min_iterations and not self._reached(request.variable, request.min_iterations):
-                with self._waiting_lock:
-                    if self._waiting >= self.max_waiting_pulls:
-                        # UNAVAILABLE: the client retries it with backoff, as a trainer should
-                        raise errors.Unavailable(
-                            f"pull of {request.variable!r}: {self._waiting} pulls are already waiting for steps "
-                            "(a waiting pull holds a server thread; the rest serve pushes); retry later")
-                    self._waiting += 1
-                if self.metrics is not None:
-                    self.metrics.pulls_waiting.inc()
-                try:
+                with slot(f"pull of {request.variable!r} waiting for step {request.min_iterations}"):
                     self.pushes.wait_for(request.variable, request.min_iterations, t)
-                finally:
-                    with self._waiting_lock:
-                        self._waiting -= 1
-                    if self.metrics is not None:
-                        self.metrics.pulls_waiting.dec()
             if request.worker_id and self.pushes.sync is not None:   # bounded staleness
-                self.pushes.sync.wait_bounded(request.variable, request.worker_id, t)
+                self.pushes.sync.wait_bounded(request.variable, request.worker_id, t, wait_slot=slot)
         return self._pull(request.variable, ids, request.slot, request.row_start, request.row_stop, "pull")
 
     def _reached(self, variable, min_iterations) -> bool:
@@ -371,7 +374,7 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
     @_handler
     def SyncVote(self, request, context):
         """SYNC mode phase 2 (client -> shard 0); server/sync.py."""
-        return self._sync().vote(request)
+        return self._sync().vote(request, wait_slot=lambda what: self.waiting("SyncVote", what))
 
     @_handler
     def SyncCommit(self, request, context):

@@ -23,6 +23,7 @@ carrying its worker_id) this shard has applied; a pull carrying worker_id waits 
 known worker is at most `staleness` pushes behind the puller.
 """
 import collections
+import contextlib
 import logging
 import math
 import os
@@ -258,8 +259,10 @@ class SyncManager:
                     c.decided[step] = list(keys)
             return c
 
-    def vote(self, request) -> "pb.SyncVoteResponse":
-        """A replica's push for `step` is prepared everywhere: admit it (or not), commit when N are in."""
+    def vote(self, request, wait_slot=None) -> "pb.SyncVoteResponse":
+        """A replica's push for `step` is prepared everywhere: admit it (or not), commit when N are in.
+        wait_slot(what): a context held while waiting for the other votes (the service's limit on
+        waiting threads); when it refuses, the vote stays recorded and the replica asks again."""
         shard = self.shard
         if shard.index != 0:
             raise errors.FailedPrecondition(f"shard {shard.index} is not the sync coordinator: send votes to shard 0")
@@ -298,19 +301,21 @@ class SyncManager:
                 self._decide(name, c, step, admitted[:need])
                 self._finish_pending(name, c)
                 return self._answer(name, step, True, opt)
-            while True:
-                keys = c.decided.get(step)
-                if keys is not None and (c.pending is None or c.pending[0] != step):
-                    return self._answer(name, step, key in keys, opt)
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    have = len(c.admitted.get(step, ())) if keys is None else need
-                    why = f"; its commit is pending: {c.error}" if keys is not None else \
-                        f": {have} of {need} replicas have voted"
-                    raise errors.DeadlineExceeded(
-                        f"sync step {step} of {name!r} was not committed within {wait:g} s{why} (retrying the push "
-                        "is safe)")
-                c.cond.wait(left)
+            with (wait_slot or _no_slot)(f"sync vote for step {step} of {name!r} (recorded: {len(admitted)} of "
+                                         f"{need} replicas have voted)"):
+                while True:
+                    keys = c.decided.get(step)
+                    if keys is not None and (c.pending is None or c.pending[0] != step):
+                        return self._answer(name, step, key in keys, opt)
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        have = len(c.admitted.get(step, ())) if keys is None else need
+                        why = f"; its commit is pending: {c.error}" if keys is not None else \
+                            f": {have} of {need} replicas have voted"
+                        raise errors.DeadlineExceeded(
+                            f"sync step {step} of {name!r} was not committed within {wait:g} s{why} (retrying the "
+                            "push is safe)")
+                    c.cond.wait(left)
 
     def _answer(self, name, step, admitted: bool, opt) -> "pb.SyncVoteResponse":
         if admitted:
@@ -462,8 +467,9 @@ class SyncManager:
                     clocks[w] = clocks.get(w, 0) + 1
             self.shard.step_cond.notify_all()
 
-    def wait_bounded(self, variable: str, worker_id: str, timeout: float):
-        """Hold a pull of `worker_id` until the slowest worker is within `staleness` pushes of it."""
+    def wait_bounded(self, variable: str, worker_id: str, timeout: float, wait_slot=None):
+        """Hold a pull of `worker_id` until the slowest worker is within `staleness` pushes of it.
+        wait_slot(what): a context held while waiting (the service's limit on waiting threads)."""
         var = self.shard.variable(variable)
         if not var.optimizer or self._mode(var.optimizer) != "bounded":
             return
@@ -484,7 +490,13 @@ class SyncManager:
                 w = min(clocks, key=clocks.get)
                 return w, clocks[w]
 
-            if not cond.wait_for(lambda: slowest()[1] >= clocks[worker_id] - s, timeout):
+            def within():
+                return slowest()[1] >= clocks[worker_id] - s
+            if within():
+                return
+            with (wait_slot or _no_slot)(f"pull of {variable!r} by worker {worker_id!r} (bounded staleness)"):
+                waited = cond.wait_for(within, timeout)
+            if not waited:
                 w, c = slowest()
                 raise errors.DeadlineExceeded(
                     f"pull of {variable!r} by worker {worker_id!r} at clock {clocks[worker_id]}: the slowest worker "
@@ -562,3 +574,7 @@ def attach(pipeline, args=None) -> SyncManager:
     max_message = (getattr(args, "max_message_mb", 256) or 256) << 20
     pipeline.sync = SyncManager(pipeline, cluster, credentials, metadata, max_message)
     return pipeline.sync
+
+
+def _no_slot(what):
+    return contextlib.nullcontext()

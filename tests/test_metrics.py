@@ -32,10 +32,13 @@ def scrape(port: int) -> dict:
     return out
 
 
-def sample(port: int, name: str) -> float:
-    """The one sample called `name` at http://127.0.0.1:port/metrics."""
-    (v,) = [v for (n, _), v in scrape(port).items() if n == name]
-    return v
+def sample(port: int, name: str, **labels) -> float:
+    """The one sample called `name` (with these labels) at http://127.0.0.1:port/metrics; 0 if the
+    labelled series does not exist yet."""
+    want = set((k, str(v)) for k, v in labels.items())
+    hits = [v for (n, ls), v in scrape(port).items() if n == name and want <= set(ls)]
+    assert len(hits) <= 1 and (hits or labels), (name, labels, hits)
+    return hits[0] if hits else 0.0
 
 
 def wait_until(condition, seconds: float = 30.0, what: str = "the server"):

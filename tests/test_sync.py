@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 
 import sparseps
-from sparseps.local import LocalServer, start_cluster
+from sparseps.local import LocalServer, free_ports, start_cluster
 from sparseps.proto import sparseps_pb2 as pb
+
+from test_metrics import sample, scrape, value, wait_until
 
 SGD = {"class_name": "SGD", "config": {"learning_rate": 1.0}}
 
@@ -293,3 +295,53 @@ def test_a_decided_step_reaches_a_shard_that_was_down(tmp_path, unique):
         for s in servers:
             s.stop()
 
+
+
+def test_more_waiting_workers_than_server_threads():
+    """6 sync replicas, then 4 bounded-staleness workers held at pull, against a shard with 4 gRPC
+    threads (2 of which may wait): the waits past the limit are refused UNAVAILABLE and asked again,
+    so the vote or push that ends the wait always finds a thread. Before, every thread waited and
+    the last vote queued behind them until their 24 s wait ran out."""
+    mport, = free_ports(1)
+    with LocalServer("--backend", "numpy", "--threads", "4", "--no-malloc-tuning", "--metrics-port", str(mport)) as srv, \
+            sparseps.connect(srv.address, data_plane=False, timeout=30) as admin:
+        admin.create_optimizer("s", SGD, consistency={"mode": "sync", "replicas_to_aggregate": 6})
+        admin.create_variable("v", initial_value=np.zeros((6, 2), np.float32), optimizer="s")
+        replicas = [sparseps.connect(srv.address, data_plane=False, timeout=30) for _ in range(6)]
+        try:
+            for step in range(3):
+                got = _in_threads([lambda c=c, r=r: c.push({"v": (np.array([r]), np.ones((1, 2), np.float32))},
+                                                          step=step) for r, c in enumerate(replicas)])
+                assert got == [step + 1] * 6, got
+        finally:
+            for c in replicas:
+                c.close()
+        np.testing.assert_array_equal(admin.pull("v"), -3 * np.ones((6, 2), np.float32))
+
+        # bounded staleness 0 over 5 workers: 4 fast ones each push once, then pull and are held
+        # until the slow one (whose push needs a thread) has pushed too
+        admin.create_optimizer("b", SGD, consistency={"mode": "bounded", "staleness": 0, "total_num_replicas": 5})
+        admin.create_variable("w", initial_value=np.zeros((5, 2), np.float32), optimizer="b")
+        workers = [sparseps.connect(srv.address, data_plane=False, timeout=30) for _ in range(5)]
+        try:
+            for k, c in enumerate(workers):
+                c.pull("w", worker_id=f"w{k}")
+            for k, c in enumerate(workers[:4]):
+                c.push({"w": (np.array([k]), np.ones((1, 2), np.float32))}, worker_id=f"w{k}")
+            held = threading.Thread(target=lambda: _in_threads(
+                [lambda c=c, k=k: c.pull("w", worker_id=f"w{k}", timeout=25) for k, c in enumerate(workers[:4])]))
+            held.start()
+            wait_until(lambda: sample(mport, "sparseps_calls_waiting", method="Pull") == 2)
+            workers[4].push({"w": (np.array([4]), np.ones((1, 2), np.float32))}, worker_id="w4")
+            held.join(60)
+            assert not held.is_alive()
+        finally:
+            for c in workers:
+                c.close()
+        np.testing.assert_array_equal(admin.pull("w"), -np.ones((5, 2), np.float32))
+        m = scrape(mport)
+        assert value(m, "sparseps_requests_rejected_total", method="SyncVote", code="UNAVAILABLE") > 0
+        assert value(m, "sparseps_requests_rejected_total", method="Pull", code="UNAVAILABLE") > 0
+        for method in ("SyncVote", "Pull"):   # no wait ran out
+            assert not [v for (n, ls), v in m.items() if n == "sparseps_requests_rejected_total"
+                        and dict(ls).get("method") == method and dict(ls).get("code") == "DEADLINE_EXCEEDED"]
