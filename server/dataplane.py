@@ -334,8 +334,8 @@ def _pull_estimate(shard, request) -> int:
     """Bytes the pull answers of a Pull or PushPull will take, for the memory budget."""
     pulls = [request] if isinstance(request, pb.PullRequest) else \
         list(request.pulls) if isinstance(request, pb.PushPullRequest) else []
-    return sum(pull_answer_bytes(shard, q.variable, elements(q.ids.shape, 1 << 40) if q.HasField("ids") else None)
-               for q in pulls)
+    return sum(pull_answer_bytes(shard, q.variable, elements(q.ids.shape, 1 << 40) if q.HasField("ids") else None,
+                                 q.row_start, q.row_stop) for q in pulls)
 
 
 def _short():

@@ -124,14 +124,19 @@ def _message_name(deserializer):
     return getattr(owner, "__name__", None) or "request message"
 
 
-def pull_answer_bytes(shard, variable: str, rows: int | None) -> int:
-    """Bytes a pull's answer will take (rows of `variable`, or all it holds when rows is None),
-    for the memory budget; 0 for a variable the shard does not know (the pull will fail)."""
+def pull_answer_bytes(shard, variable: str, rows: int | None, row_start: int = 0, row_stop: int = 0) -> int:
+    """Bytes a pull's answer will take (rows of `variable`; when rows is None, those it holds in
+    the global range [row_start, row_stop), 0 = to the end), for the memory budget; 0 for a
+    variable the shard does not know (the pull will fail)."""
     var = shard.variables.get(variable) if shard is not None else None
     if var is None:
         return 0
     row = int(np.prod(var.shape[1:], dtype=np.int64)) * var.dtype.itemsize
-    rows = var.local_rows if rows is None else min(max(0, rows), 1 << 40)
+    if rows is None:   # a range holds at most its length of this shard's rows
+        rows = var.local_rows
+        if row_start or row_stop:
+            rows = min(rows, max(0, (row_stop or var.shape[0]) - row_start))
+    rows = min(max(0, rows), 1 << 40)
     return rows * (row + 8)
 
 
@@ -147,7 +152,7 @@ class LimitsInterceptor(grpc.ServerInterceptor):
     def pull_bytes(self, request) -> int:
         """The response size a Pull/GetSlot will have, from the variable's shape (0 if unknown)."""
         rows = len(request.ids.data) // 4 if request.HasField("ids") else None   # at most a row per 4 bytes of ids
-        return pull_answer_bytes(self.shard, request.variable, rows)
+        return pull_answer_bytes(self.shard, request.variable, rows, request.row_start, request.row_stop)
 
     # ---- wrapping -------------------------------------------------------------------
     def _deserializer(self, method, deserializer, gated):

@@ -677,6 +677,33 @@ def test_memory_budget_sheds_an_over_budget_frame_and_the_connection_serves_on()
         assert c.push({"emb": (np.arange(1000) % 400, np.ones((1000, 64), np.float32))}) == 4
 
 
+@pytest.mark.parametrize("data_plane", [True, False])
+def test_a_whole_table_pull_in_chunks_is_charged_per_chunk(data_plane):
+    """The memory budget charges a range pull the rows of its range, not the whole table: a 4 MiB
+    table pulled in 1 MiB chunks fits beside 0.5 MiB in flight under a 2 MiB budget."""
+    mport, = free_ports(1)
+    with LocalServer("--backend", "numpy", "--memory-budget-mb", "2", "--max-message-mb", "1",
+                     "--no-malloc-tuning", "--metrics-port", str(mport)) as srv, \
+            sparseps.connect(srv.address, max_message_mb=1, data_plane=data_plane, timeout=10,
+                             retry_deadline=5) as c, \
+            sparseps.connect(srv.address, timeout=10, retry_deadline=5) as dp:
+        c.create_optimizer("sgd", "SGD", learning_rate=1.0)
+        c.create_variable("big", shape=(16384, 64), initializer="Ones", optimizer="sgd")
+        table = np.ones((16384, 64), np.float32)
+        slow_req, slow_arrays = push_msg([("big", np.arange(2000), np.ones((2000, 64), np.float32))])
+        slow_payload = b"".join(a.tobytes() for a in slow_arrays)   # 2000 x (8 + 256) bytes: 0.5 MiB
+        with Conn(data_port(dp)) as slow:
+            slow.send_raw(frames.PUSH, slow_req.SerializeToString(), slow_payload[:1000],
+                          payload_len=len(slow_payload))
+            wait_until(lambda: sample(mport, "sparseps_memory_budget_in_use_bytes") >= len(slow_payload),
+                       what="the slow push to be admitted")
+            np.testing.assert_array_equal(c.pull("big"), table)   # 5 chunks, none shed
+            slow.sock.sendall(slow_payload[1000:])
+            msg, _ = decoded(slow.answer(), frames.PUSH)
+            assert msg.iterations[0].iterations == 1
+        assert sample(mport, "sparseps_requests_shed_total") == 0
+
+
 def test_a_sender_stalled_mid_frame_is_dropped_and_its_budget_released():
     """SPARSEPS_FRAME_TIMEOUT_S: a frame whose bytes stop coming loses its connection; nothing of it
     is applied, the memory it reserved is free again, and an idle connection is not dropped."""
