@@ -12,6 +12,7 @@ old shards and each new shard keeps the rows its new layout assigns to it.
 import json
 import os
 import shutil
+import threading
 import time
 import zlib
 
@@ -166,6 +167,9 @@ class Checkpoints:
         os.makedirs(self.dir, exist_ok=True)
         self.extra, self.saved = extra, saved
         self.last_error = None
+        # one save at a time: two would pick the same number and share its .tmp directory (the
+        # periodic thread, a Checkpoint RPC and the final save on SIGTERM may overlap)
+        self._saving = threading.Lock()
 
     def list(self) -> list:
         names = sorted(n for n in os.listdir(self.dir) if n.startswith("ckpt-") and not n.endswith(".tmp"))
@@ -177,6 +181,10 @@ class Checkpoints:
 
     def save(self, path: str | None = None) -> tuple:
         """Snapshot under the shard lock (with the caller's `extra`), write, prune; (path, bytes, iterations)."""
+        with self._saving:
+            return self._save(path)
+
+    def _save(self, path):
         with self.shard.lock:
             snap = snapshot(self.shard)
             extra = self.extra()

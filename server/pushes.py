@@ -291,6 +291,8 @@ class PeriodicCheckpoints:
                     self.pipeline.checkpoints.save()
                 except errors.Error as e:
                     log.error("%s", e)
+                except Exception:   # e.g. MemoryError copying a big shard: keep checkpointing later
+                    log.exception("periodic checkpoint failed; the shard keeps serving")
                 last = time.monotonic()
 
     def stop(self):

@@ -309,3 +309,33 @@ def test_log_records_of_both_checksum_layouts_replay_and_corruption_stops_replay
     seg.write_bytes(seg.read_bytes() + old + bad + late)
     got = [(lsn, bytes(p)) for lsn, p in WriteAheadLog(str(tmp_path), "none").replay(0)]
     assert got == [(1, b"P-first|second part"), (2, b"P-old layout")]
+
+
+def test_overlapping_checkpoints_each_get_their_own_number(tmp_path):
+    """Checkpoint calls that overlap (a cron `sparseps checkpoint`, the periodic thread, the final
+    save on SIGTERM) are written one after the other: distinct numbers, each complete, and the
+    shard restarts from the newest."""
+    with LocalServer("--data-dir", str(tmp_path), "--checkpoint-every-steps", "1") as srv:
+        client = sparseps.connect(srv.address)
+        sgd_table(client, rows=20000, dim=64)   # 5 MiB of values: each save takes a moment
+        results = [None] * 6
+
+        def save(k):
+            with sparseps.connect(srv.address) as c:
+                c.push({"emb": (np.array([k]), np.ones((1, 64), np.float32))})   # due for a periodic one
+                results[k] = c.checkpoint()
+        threads = [threading.Thread(target=save, args=(k,)) for k in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert all(r is not None for r in results), results
+        paths = [r[0][1] for r in results]
+        assert len(set(paths)) == 6, paths
+        expected = client.pull("emb")
+        client.close()
+    names = sorted(os.listdir(tmp_path / "checkpoints"))
+    assert names and not [n for n in names if n.endswith(".tmp")], names
+    with LocalServer("--data-dir", str(tmp_path)) as srv, sparseps.connect(srv.address) as c:
+        np.testing.assert_array_equal(c.pull("emb"), expected)
+        assert c.optimizer("sgd").iterations == 6
