@@ -134,6 +134,7 @@ class Client:
         self.client_id = client_id or uuid.uuid4().hex
         self._seq = 0
         self._seq_lock = threading.Lock()
+        self._sync_pending: dict[int, int] = {}   # sync step -> sequence of its push whose vote failed
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         options = [("grpc.max_receive_message_length", self.max_message),
                    ("grpc.max_send_message_length", self.max_message)]
@@ -549,7 +550,11 @@ class Client:
         bounded mode, the worker whose clock this push advances.
         """
         attach = self._attach()
-        requests, opt_names, seq = self._push_requests(gradients, step, worker_id, attach)
+        # sync mode: a push of a step whose vote failed (timed out) is that push again, under the same
+        # sequence, so that the server counts this replica once
+        pending = self._sync_pending
+        requests, opt_names, seq = self._push_requests(gradients, step, worker_id, attach,
+                                                       seq=pending.get(step) if step is not None else None)
         responses = self._send_pushes(requests, attach)
         its: dict[str, int] = {}
         stale = False
@@ -558,10 +563,19 @@ class Client:
             for o in resp.iterations:
                 its[o.optimizer] = max(its.get(o.optimizer, 0), o.iterations)
         if stale:
+            pending.pop(step, None)
             raise StaleGradient(f"push for step {step} arrived after that step was applied; it was dropped",
                                 iterations=its)
         if any(r.prepared for r in responses.values()):   # sync mode: phase 1 done everywhere
-            return self._vote(opt_names[0], step or 0, seq)
+            pending[step or 0] = seq
+            try:
+                it = self._vote(opt_names[0], step or 0, seq)
+            except StaleGradient:
+                pending.pop(step or 0, None)
+                raise
+            for s in [s for s in pending if s <= (step or 0)]:
+                pending.pop(s, None)
+            return it
         return next(iter(its.values())) if len(its) == 1 else its
 
     def push_pull(self, gradients: dict, pulls: dict):
@@ -614,12 +628,13 @@ class Client:
             cursor[k] += 1
         return (next(iter(its.values())) if len(its) == 1 else its), outs
 
-    def _push_requests(self, gradients: dict, step, worker_id, attach=None):
+    def _push_requests(self, gradients: dict, step, worker_id, attach=None, seq=None):
         """One PushRequest per shard (every shard gets a part), and the optimizers involved.
-        attach: {shard: []} collects the rows of data-plane shards instead of copying them in."""
+        attach: {shard: []} collects the rows of data-plane shards instead of copying them in.
+        seq: the sequence of an earlier push this one repeats (else a new one)."""
         if not gradients:
             raise errors.InvalidArgument("push: no gradients (a step needs at least one variable)")
-        seq = self._next_sequence()
+        seq = seq or self._next_sequence()
         # Built in place: a 4096 x 64 push is ~1 MiB, and every nested-constructor copy costs.
         requests = {k: pb.PushRequest(client_id=self.client_id, sequence=seq, worker_id=worker_id)
                     for k in range(self.num_shards)}

@@ -313,8 +313,8 @@ class SyncManager:
                         why = f"; its commit is pending: {c.error}" if keys is not None else \
                             f": {have} of {need} replicas have voted"
                         raise errors.DeadlineExceeded(
-                            f"sync step {step} of {name!r} was not committed within {wait:g} s{why} (retrying the "
-                            "push is safe)")
+                            f"sync step {step} of {name!r} was not committed within {wait:g} s{why} (this vote "
+                            "stays counted: pushing the same step again from the same client is safe)")
                     c.cond.wait(left)
 
     def _answer(self, name, step, admitted: bool, opt) -> "pb.SyncVoteResponse":

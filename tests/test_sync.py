@@ -345,3 +345,26 @@ def test_more_waiting_workers_than_server_threads():
         for method in ("SyncVote", "Pull"):   # no wait ran out
             assert not [v for (n, ls), v in m.items() if n == "sparseps_requests_rejected_total"
                         and dict(ls).get("method") == method and dict(ls).get("code") == "DEADLINE_EXCEEDED"]
+
+
+def test_pushing_a_timed_out_step_again_counts_the_replica_once(cluster3, unique):
+    """A replica whose vote timed out and that pushes the same step again (what the error says is
+    safe) is still one replica: the step waits for another, and sums each replica's rows once."""
+    c = sparseps.connect(_addresses(cluster3))
+    opt, v = _sync(c, unique, n=2, rows=6)
+    rows, ones = np.arange(6), np.ones((6, 2), np.float32)
+    try:
+        with sparseps.connect(_addresses(cluster3), timeout=3.0, retry_deadline=0.5) as a:
+            for _ in range(2):   # the first push and its repeat: 1 of 2 replicas each time
+                with pytest.raises(sparseps.DeadlineExceeded, match="1 of 2 replicas"):
+                    a.push({v: (rows, ones)}, step=0)
+            with sparseps.connect(_addresses(cluster3)) as b:
+                got = _in_threads([lambda: a.push({v: (rows, ones)}, step=0),
+                                   lambda: b.push({v: (rows, 2 * ones)}, step=0)])
+            assert got == [1, 1], got
+            assert a._sync_pending == {}
+        # a's rows once (1) and b's (2); a counted twice would have committed at its repeat, alone
+        np.testing.assert_array_equal(c.pull(v, min_iterations=1)[:, 0], -3.0)
+        assert _iterations(c, opt) == [1, 1, 1]
+    finally:
+        c.close()
