@@ -45,6 +45,7 @@ class WriteAheadLog:
         self.lsn = 0              # last LSN written
         self.durable_lsn = 0      # last LSN known to be on disk
         self._cond = threading.Condition()
+        self._fd_lock = threading.Lock()   # held around the flusher's fsync and while the file is swapped
         self._fd = None
         self._failed: Exception | None = None
         self._closing = False
@@ -148,7 +149,8 @@ class WriteAheadLog:
             with self._cond:
                 target = self.lsn
             try:
-                os.fsync(self._fd)
+                with self._fd_lock:   # rotate() must not close the file under this fsync
+                    os.fsync(self._fd)
             except OSError as e:
                 with self._cond:
                     self._failed = e
@@ -160,12 +162,13 @@ class WriteAheadLog:
 
     def rotate(self, checkpoint_lsn: int):
         """After a checkpoint covering everything up to checkpoint_lsn: new segment, drop old ones."""
-        with self._cond:
+        with self._fd_lock, self._cond:
             if self._fd is not None:
                 os.fsync(self._fd)
                 os.close(self._fd)
             self._fd = os.open(self._segment_path(self.lsn + 1), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
             self.durable_lsn = self.lsn
+            self._cond.notify_all()   # group-commit waiters: everything so far is on disk
         segs = self.segments()
         for i, (first, path) in enumerate(segs[:-1]):
             next_first = segs[i + 1][0]
@@ -179,13 +182,14 @@ class WriteAheadLog:
             self._cond.notify_all()
         if self._flusher is not None:
             self._flusher.join(5)
-        if self._fd is not None:
-            try:
-                os.fsync(self._fd)
-            except OSError:
-                pass
-            os.close(self._fd)
-            self._fd = None
+        with self._fd_lock:
+            if self._fd is not None:
+                try:
+                    os.fsync(self._fd)
+                except OSError:
+                    pass
+                os.close(self._fd)
+                self._fd = None
 
 
 def _write_all(fd, data: bytes):
