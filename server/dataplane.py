@@ -23,7 +23,7 @@ from sparseps.proto import sparseps_pb2 as pb
 from sparseps.tensors import elements
 
 from .auth import METHOD_ROLES, RANK
-from .limits import pull_answer_bytes
+from .limits import pull_answer_bytes, pull_waits
 from .pushes import frame_record, gradients_of
 from .service import _clip
 
@@ -189,10 +189,7 @@ class DataPlane:
                 if not self.budget.try_acquire(ticket):
                     self._drain(sock, payload_len)
                     b, nbytes, ticket = self.budget, ticket, 0
-                    raise _Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                   f"{name}: server busy: {nbytes / 2**20:.1f} MiB request with {b.in_use / 2**20:.1f} "
-                                   f"MiB of requests already in progress would exceed the memory budget of "
-                                   f"{b.limit / 2**20:.0f} MiB (--memory-budget-mb); nothing was applied, retry later")
+                    raise _Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED, b.shed_message(name, nbytes))
             payload = np.empty(payload_len, np.uint8)
             frames.recv_exact(sock, memoryview(payload)) or _short()
             with svc.serving():
@@ -335,7 +332,7 @@ def _pull_estimate(shard, request) -> int:
     pulls = [request] if isinstance(request, pb.PullRequest) else \
         list(request.pulls) if isinstance(request, pb.PushPullRequest) else []
     return sum(pull_answer_bytes(shard, q.variable, elements(q.ids.shape, 1 << 40) if q.HasField("ids") else None,
-                                 q.row_start, q.row_stop) for q in pulls)
+                                 q.row_start, q.row_stop) for q in pulls if not pull_waits(q))
 
 
 def _short():

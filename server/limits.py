@@ -16,6 +16,7 @@ Two limits sit in front of the servicer, as one gRPC server interceptor:
 The interceptor also turns a request body that does not parse into INVALID_ARGUMENT (gRPC's own
 answer would be INTERNAL, "Exception deserializing request!").
 """
+import contextlib
 import logging
 import threading
 
@@ -55,6 +56,27 @@ class MemoryBudget:
     def release(self, n: int):
         with self._lock:
             self.in_use -= n
+
+    def shed_message(self, method: str, nbytes: int) -> str:
+        return (f"{method}: server busy: {nbytes / MiB:.1f} MiB request with {self.in_use / MiB:.1f} MiB of "
+                f"requests already in progress would exceed the memory budget of {self.limit / MiB:.0f} MiB "
+                "(--memory-budget-mb); nothing was applied, retry later")
+
+    @contextlib.contextmanager
+    def hold(self, method: str, nbytes: int):
+        """Hold nbytes while building an answer, or raise RESOURCE_EXHAUSTED (nothing changed)."""
+        if not self.try_acquire(nbytes):
+            raise errors.ResourceExhausted(self.shed_message(method, nbytes))
+        try:
+            yield
+        finally:
+            self.release(nbytes)
+
+
+def pull_waits(request) -> bool:
+    """A pull that may wait for other workers: its answer is charged once the wait is over, so
+    that a waiting pull does not hold budget that the pushes it waits for need."""
+    return bool(getattr(request, "min_iterations", 0) or getattr(request, "worker_id", ""))
 
 
 class WaitSlots:
@@ -175,7 +197,8 @@ class LimitsInterceptor(grpc.ServerInterceptor):
             if budget is None:
                 return message
             if pull:
-                nbytes += self.pull_bytes(message)
+                if not pull_waits(message):   # (a waiting pull's answer: ParameterServerService.pull)
+                    nbytes += self.pull_bytes(message)
                 if not budget.try_acquire(nbytes):
                     return self._shed(method, nbytes)
             return _Admitted(message, _Ticket(budget, nbytes))
@@ -184,10 +207,7 @@ class LimitsInterceptor(grpc.ServerInterceptor):
     def _shed(self, method, nbytes):
         b = self.budget
         log.debug("%s shed: %d bytes with %d in flight (budget %d)", method, nbytes, b.in_use, b.limit)
-        return _Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                        f"{method}: server busy: {nbytes / MiB:.1f} MiB request with {b.in_use / MiB:.1f} MiB of "
-                        f"requests already in progress would exceed the memory budget of {b.limit / MiB:.0f} MiB "
-                        "(--memory-budget-mb); nothing was applied, retry later")
+        return _Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, b.shed_message(method, nbytes))
 
     @staticmethod
     def _unary(behavior):

@@ -224,6 +224,7 @@ def serve(args, ready: threading.Event | None = None):
     pipeline.metrics = metrics
     service = ParameterServerService(shard, cluster, metrics=metrics, pushes=pipeline)
     service.max_message = limit
+    service.budget = memory_budget(interceptors)
     service.waits = WaitSlots(wait_slots_for(args.threads), args.threads)   # the rest serve the pushes waited for
     pb_grpc.add_ParameterServerServicer_to_server(service, server)
     health_servicer = health.HealthServicer()

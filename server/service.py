@@ -19,7 +19,7 @@ from sparseps.proto import sparseps_pb2 as pb
 from sparseps.proto import sparseps_pb2_grpc as pb_grpc
 from sparseps.tensors import from_tensor, to_tensor
 
-from .limits import WaitSlots, wait_slots_for
+from .limits import WaitSlots, pull_answer_bytes, pull_waits, wait_slots_for
 from .pushes import PushPipeline, gradients_of
 
 log = logging.getLogger("sparseps.server")
@@ -95,6 +95,7 @@ MAX_WAIT_SECONDS = 600.0   # the longest a pull may wait for a step (min_iterati
 
 class ParameterServerService(pb_grpc.ParameterServerServicer):
     max_message = 0            # the server's message limit; a pull answer over it is refused clearly
+    budget = None              # the limits.MemoryBudget of both transports (a waiting pull's answer is charged here)
     data_port = 0              # the data plane's port, advertised in ServerInfo (0 = none)
     data_tls = False
     def __init__(self, shard, cluster=(), metrics=None, pushes=None):
@@ -246,6 +247,11 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
                     self.pushes.wait_for(request.variable, request.min_iterations, t)
             if request.worker_id and self.pushes.sync is not None:   # bounded staleness
                 self.pushes.sync.wait_bounded(request.variable, request.worker_id, t, wait_slot=slot)
+        if self.budget is not None and pull_waits(request):   # charged now that the wait is over
+            with self.budget.hold("Pull", pull_answer_bytes(self.shard, request.variable,
+                                                            len(ids) if ids is not None else None,
+                                                            request.row_start, request.row_stop)):
+                return self._pull(request.variable, ids, request.slot, request.row_start, request.row_stop, "pull")
         return self._pull(request.variable, ids, request.slot, request.row_start, request.row_stop, "pull")
 
     def _reached(self, variable, min_iterations) -> bool:

@@ -704,6 +704,28 @@ def test_a_whole_table_pull_in_chunks_is_charged_per_chunk(data_plane):
         assert sample(mport, "sparseps_requests_shed_total") == 0
 
 
+@pytest.mark.parametrize("data_plane", [True, False])
+def test_a_waiting_pull_holds_no_budget_for_its_answer_while_it_waits(data_plane):
+    """A pull waiting for step 1 of a 0.75 MiB table is charged its answer once the step is there:
+    while it waits, the push that makes step 1 (0.26 MiB) fits under a 1 MiB budget."""
+    mport, = free_ports(1)
+    with LocalServer("--backend", "numpy", "--memory-budget-mb", "1", "--no-malloc-tuning",
+                     "--metrics-port", str(mport)) as srv, \
+            sparseps.connect(srv.address, data_plane=data_plane, timeout=30, retry_deadline=5) as c:
+        c.create_optimizer("sgd", "SGD", learning_rate=1.0)
+        c.create_variable("t", shape=(3000, 64), initializer="Zeros", optimizer="sgd")
+        got = {}
+        waiter = threading.Thread(target=lambda: got.setdefault("rows", c.pull("t", min_iterations=1, timeout=20)))
+        waiter.start()
+        wait_until(lambda: sample(mport, "sparseps_requests_in_flight") == 1, what="the pull to wait")
+        assert c.push({"t": (np.arange(1000), np.ones((1000, 64), np.float32))}) == 1
+        waiter.join(30)
+        expected = np.zeros((3000, 64), np.float32)
+        expected[:1000] = -1
+        np.testing.assert_array_equal(got["rows"], expected)
+        assert sample(mport, "sparseps_requests_shed_total") == 0
+
+
 def test_a_sender_stalled_mid_frame_is_dropped_and_its_budget_released():
     """SPARSEPS_FRAME_TIMEOUT_S: a frame whose bytes stop coming loses its connection; nothing of it
     is applied, the memory it reserved is free again, and an idle connection is not dropped."""
