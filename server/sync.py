@@ -388,16 +388,39 @@ class SyncManager:
             delay = min(delay * 2, 1.0)
 
     def _finish_pending(self, name: str, c: _Coordinator, retry_s: float = COMMIT_RETRY_S):
-        """Send the pending decision's COMMIT to every shard (caller holds c.cond); raise if it fails."""
+        """Send the pending decision's COMMIT to every shard (caller holds c.cond); raise if it fails.
+
+        Once a first round has failed, the re-driver owns the decision and resends it without the
+        lock; a vote then hears UNAVAILABLE at once instead of each vote holding the coordinator
+        (and a server thread) for another round while a shard is down."""
         if c.pending is None:
             return
-        step, keys = c.pending
-        request = pb.SyncCommitRequest(optimizer=name, step=step, replicas=[_ref(k) for k in keys])
+        step = c.pending[0]
         try:
             self._peers()
-        except errors.Error as e:
+        except errors.Error as e:   # no --cluster: nothing to re-drive until the server is restarted right
             c.error = e.message
             raise
+        if c.error is not None and c.redriver is not None and c.redriver.is_alive():
+            raise errors.Unavailable(f"sync step {step} of {name!r} is decided but not yet applied on every shard "
+                                     f"({c.error}); it is being re-sent: retry shortly")
+        try:
+            self._send_commit(name, c.pending, retry_s)
+        except errors.Error as e:
+            c.error = e.message
+            log.error("sync step %d of %r is decided but not yet applied everywhere: %s (retrying)", step, name,
+                      c.error)
+            self._start_redriver(name, c)
+            raise type(e)(f"sync step {step} of {name!r} is decided and will be applied on every shard, but "
+                          f"not all have it yet: {c.error}", e.code) from None
+        c.pending, c.error = None, None
+        c.cond.notify_all()
+
+    def _send_commit(self, name: str, pending: tuple, retry_s: float):
+        """COMMIT (step, replicas) on every shard in parallel; raise one error naming every failure."""
+        step, keys = pending
+        request = pb.SyncCommitRequest(optimizer=name, step=step, replicas=[_ref(k) for k in keys])
+        self._peers()
         deadline = time.monotonic() + retry_s
         jobs = {k: self._pool.submit(self._commit_on, k, request, deadline) for k in range(self.shard.num_shards)}
         failures = []
@@ -410,17 +433,11 @@ class SyncManager:
                 log.exception("commit of step %d of %r on shard %d failed", step, name, k)
                 failures.append(errors.Internal(f"commit on shard {k}: {type(e).__name__}: {e}"))
         if failures:
-            c.error = "; ".join(f.message for f in failures)
-            log.error("sync step %d of %r is decided but not yet applied everywhere: %s (retrying)", step, name,
-                      c.error)
-            self._start_redriver(name, c)
-            first = failures[0]
-            raise type(first)(f"sync step {step} of {name!r} is decided and will be applied on every shard, but "
-                              f"not all have it yet: {c.error}", first.code)
-        c.pending, c.error = None, None
-        c.cond.notify_all()
+            raise type(failures[0])("; ".join(f.message for f in failures), failures[0].code)
 
     def _start_redriver(self, name: str, c: _Coordinator):
+        """Resend the pending decision every REDRIVE_EVERY_S until every shard has it (caller holds
+        c.cond); the rounds run without the lock, so votes are answered meanwhile."""
         if c.redriver is not None and c.redriver.is_alive():
             return
 
@@ -428,14 +445,22 @@ class SyncManager:
             while True:
                 time.sleep(REDRIVE_EVERY_S)
                 with c.cond:
-                    if c.pending is None:
-                        return
-                    try:
-                        self._finish_pending(name, c, retry_s=REDRIVE_EVERY_S)
-                        log.info("sync step %s of %r is now applied on every shard", c.pending, name)
-                        return
-                    except errors.Error:
-                        pass
+                    pending = c.pending
+                if pending is None:
+                    return
+                try:
+                    self._send_commit(name, pending, REDRIVE_EVERY_S)
+                except errors.Error as e:
+                    with c.cond:
+                        if c.pending == pending:
+                            c.error = e.message
+                    continue
+                with c.cond:
+                    if c.pending == pending:
+                        c.pending, c.error = None, None
+                        c.cond.notify_all()
+                log.info("sync step %s of %r is now applied on every shard", pending[0], name)
+                return
         c.redriver = threading.Thread(target=loop, name=f"sync-redrive-{name}", daemon=True)
         c.redriver.start()
 

@@ -368,3 +368,47 @@ def test_pushing_a_timed_out_step_again_counts_the_replica_once(cluster3, unique
         assert _iterations(c, opt) == [1, 1, 1]
     finally:
         c.close()
+
+
+def test_votes_are_answered_while_a_decided_step_waits_for_a_shard_that_is_down(tmp_path):
+    """Shard 1 dies after a replica's push is prepared on both shards; the vote decides the step,
+    but its commit cannot reach shard 1. Later votes hear UNAVAILABLE at once (the coordinator
+    re-sends the decision in the background) instead of each holding shard 0's lock and one of its
+    4 threads for another 10 s round, so shard 0 keeps answering; once shard 1 is back (same port,
+    its log), the step is applied on both."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from sparseps.proto import sparseps_pb2_grpc as pb_grpc
+    args = ("--backend", "numpy", "--threads", "4", "--wal-sync", "fsync")
+    servers = start_cluster(2, *args, data_dir=str(tmp_path))
+    cluster, port1 = _addresses(servers), servers[1].port
+    rows, ones = np.arange(4), np.ones((4, 2), np.float32)
+    try:
+        with sparseps.connect(cluster) as c:
+            opt, v = _sync(c, "down", n=1, rows=4)
+        with sparseps.connect(cluster, client_id="replica-a", timeout=20, retry_deadline=0.5) as a:
+            requests, _, seq = a._push_requests({v: (rows, ones)}, 0, "")
+            a._send_pushes(requests)                       # phase 1: prepared on both shards
+            servers[1].kill()
+            with pytest.raises(sparseps.Unavailable, match="decided and will be applied"):
+                a._vote(opt, 0, seq)                       # decides; the commit round fails (10 s)
+        with grpc.insecure_channel(servers[0].address) as ch:
+            stub = pb_grpc.ParameterServerStub(ch)
+            vote = pb.SyncVoteRequest(optimizer=opt, step=0, timeout_seconds=15,
+                                      replica=pb.ReplicaRef(client_id="replica-a", sequence=seq))
+            futures = [stub.SyncVote.future(vote, timeout=20) for _ in range(8)]   # 8 retries at once
+            health = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+            for f in futures:
+                assert f.exception() is not None and f.exception().code() == grpc.StatusCode.UNAVAILABLE
+                assert "being re-sent" in f.exception().details()
+        servers[1] = LocalServer("--shard-index", "1", "--num-shards", "2", "--cluster", cluster,
+                                 "--data-dir", str(tmp_path / "shard-1"), *args, port=port1)
+        with sparseps.connect(cluster, client_id="replica-a", timeout=20, retry_deadline=30) as a:
+            assert a._vote(opt, 0, seq) == 1               # re-driven: applied on both shards now
+            np.testing.assert_array_equal(a.pull(v), -ones)
+            assert _iterations(a, opt) == [1, 1]
+    finally:
+        for s in servers:
+            s.stop()
