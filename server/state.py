@@ -320,6 +320,7 @@ class Shard:
         out = {}
         timings = [] if self.listeners else None
         with self.lock:
+            self.ensure_slots(by_opt)
             for opt_name, grads in by_opt.items():
                 out[opt_name] = self._step(self.optimizers[opt_name], grads, timings)
             self.step_cond.notify_all()
@@ -330,11 +331,18 @@ class Shard:
     def push(self, gradients, optimizer_names=()) -> dict:
         return self.apply(self.decode_push(gradients, optimizer_names))
 
+    def ensure_slots(self, by_opt):
+        """Create the missing slots of every variable these gradients update (caller holds the
+        lock), before anything is logged or applied: running out of memory here changes nothing."""
+        for opt_name, grads in by_opt.items():
+            opt = self.optimizers[opt_name]
+            names = opt.impl.slot_names()
+            new = [g.var for g in grads if names and any(n not in g.var.slots for n in names)]
+            if new:
+                self._create_slots(opt, list({id(v): v for v in new}.values()))
+
     def _step(self, opt: OptimizerState, grads: list, timings: list | None = None) -> int:
         impl, bk = opt.impl, self.bk
-        new = [g.var for g in grads if not g.var.slots and impl.slot_names()]
-        if new:
-            self._create_slots(opt, new)
         coefficients = {}
         grads = impl.clip(bk, grads)
         for g in grads:
@@ -355,12 +363,19 @@ class Shard:
         return opt.iterations
 
     def _create_slots(self, opt: OptimizerState, new_vars: list):
+        """The slots these variables lack, all allocated before any is attached (all or nothing)."""
         impl = opt.impl
+        made, order = {id(v): {} for v in new_vars}, []
         for gi, group in enumerate(impl.slot_groups()):  # variable-major within a group (see slot_groups)
             for var in new_vars:
                 for slot in group:
-                    var.slots[slot] = impl.initial_slot(self.bk, var.value, slot)
-                    opt.slot_order[gi].append((var.name, slot))
+                    if slot not in var.slots:
+                        made[id(var)][slot] = impl.initial_slot(self.bk, var.value, slot)
+                        order.append((gi, var.name, slot))
+        for var in new_vars:
+            var.slots.update(made[id(var)])
+        for gi, name, slot in order:
+            opt.slot_order[gi].append((name, slot))
 
     # ------------------------------------------------------------------ optimizer state writes
     def set_weights(self, optimizer: str | None, iterations: int | None, writes, nonslot: dict):

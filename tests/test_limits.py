@@ -157,3 +157,34 @@ def test_waiting_pulls_are_bounded():
             assert f.result().iterations == 2
         c.close()
 
+
+
+def test_out_of_memory_creating_slots_changes_and_logs_nothing(tmp_path):
+    """A push whose Adam slots do not fit (the server's address space capped between the 256 MiB
+    `m` and the 256 MiB `v`) is refused RESOURCE_EXHAUSTED before it is logged, with no slot left
+    half made: once memory is there, the next push creates both slots and is step 1, and a restart
+    replays only that one."""
+    import resource
+
+    def vmsize(pid):
+        return next(int(line.split()[1]) << 10 for line in open(f"/proc/{pid}/status") if line.startswith("VmSize"))
+    grad = (np.array([3, 5]), np.ones((2, 64), np.float32))
+    with LocalServer("--backend", "numpy", "--data-dir", str(tmp_path), "--no-malloc-tuning") as srv, \
+            sparseps.connect(srv.address, timeout=20, retry_deadline=2) as c:
+        c.create_optimizer("adam", "LazyAdam", learning_rate=0.1)
+        c.create_variable("emb", shape=(1 << 20, 64), initializer="Zeros", optimizer="adam")
+        c.pull("emb", [1])   # (the connection and its thread exist before the cap)
+        resource.prlimit(srv.proc.pid, resource.RLIMIT_AS, (vmsize(srv.proc.pid) + (380 << 20), resource.RLIM_INFINITY))
+        with pytest.raises(sparseps.ResourceExhausted, match="out of memory.*nothing was changed"):
+            c.push({"emb": grad})
+        resource.prlimit(srv.proc.pid, resource.RLIMIT_AS, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+        assert c.optimizer("adam").iterations == 0
+        assert not c.pull("emb", [3, 5]).any()
+        assert c.push({"emb": grad}) == 1
+        np.testing.assert_allclose(c.pull("emb", [3], slot="m")[0], 0.1, rtol=1e-6)    # (1 - beta_1) * g
+        np.testing.assert_allclose(c.pull("emb", [3], slot="v")[0], 0.001, rtol=1e-4)  # (1 - beta_2) * g^2
+        after = c.pull("emb", [3, 5])
+    with LocalServer("--backend", "numpy", "--data-dir", str(tmp_path), "--no-malloc-tuning") as srv, \
+            sparseps.connect(srv.address) as c:
+        assert c.optimizer("adam").iterations == 1
+        np.testing.assert_array_equal(c.pull("emb", [3, 5]), after)
