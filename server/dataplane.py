@@ -47,6 +47,8 @@ class DataPlane:
         # seconds without a byte in the middle of a frame before the connection is dropped (its
         # budget released, nothing applied); SPARSEPS_FRAME_TIMEOUT_S
         self.frame_timeout = float(os.environ.get("SPARSEPS_FRAME_TIMEOUT_S", "60"))
+        # connections (one thread each); past it the oldest idle one is closed to make room
+        self.max_connections = int(os.environ.get("SPARSEPS_DATA_MAX_CONNECTIONS", MAX_CONNECTIONS))
         self._listener = socket.create_server((host, port), backlog=128, reuse_port=False)
         self.port = self._listener.getsockname()[1]
         self._conns: dict = {}   # socket -> busy flag
@@ -85,10 +87,16 @@ class DataPlane:
             except OSError:
                 return
             with self._lock:
-                if len(self._conns) >= MAX_CONNECTIONS:
-                    sock.close()
-                    log.warning("data plane: %d connections open, refused %s", MAX_CONNECTIONS, peer)
-                    continue
+                if len(self._conns) >= self.max_connections:
+                    # make room by closing the oldest idle one (a client's spare pooled connection,
+                    # or one whose host is gone); its owner reconnects when it needs it again
+                    idle = next((c for c, busy in self._conns.items() if not busy), None)
+                    if idle is None:
+                        sock.close()
+                        log.warning("data plane: %d connections busy, refused %s", self.max_connections, peer)
+                        continue
+                    del self._conns[idle]
+                    _shutdown(idle)
                 self._conns[sock] = False
             t = threading.Thread(target=self._serve, args=(sock, peer), name=f"dataplane-{peer[1]}", daemon=True)
             self._threads = [x for x in self._threads if x.is_alive()] + [t]

@@ -726,6 +726,29 @@ def test_a_waiting_pull_holds_no_budget_for_its_answer_while_it_waits(data_plane
         assert sample(mport, "sparseps_requests_shed_total") == 0
 
 
+def test_at_the_connection_limit_the_oldest_idle_connection_makes_room():
+    """SPARSEPS_DATA_MAX_CONNECTIONS: with every slot taken by idle connections (spare pooled ones,
+    or ones whose host is gone), a new connection closes the oldest idle one instead of being refused."""
+    with LocalServer("--backend", "numpy", "--no-malloc-tuning", env={"SPARSEPS_DATA_MAX_CONNECTIONS": "3"}) as srv, \
+            sparseps.connect(srv.address, data_plane=False) as admin:
+        admin.create_optimizer("sgd", "SGD", learning_rate=1.0)
+        admin.create_variable("emb", initial_value=np.zeros((4, 2), np.float32), optimizer="sgd")
+        port = admin.server_info[0].data_port
+        idle = [Conn(port) for _ in range(3)]
+        try:
+            msg, _ = decoded(idle[2].call(frames.PUSH, *push_msg([("emb", np.array([1]), np.ones((1, 2), np.float32))])),
+                             frames.PUSH)   # the newest has served a frame: all 3 are idle now
+            assert msg.iterations[0].iterations == 1
+            with sparseps.connect(srv.address, timeout=10, retry_deadline=2) as c:   # a 4th connection
+                assert c.data_plane[0] is not None
+                assert c.push({"emb": (np.array([2]), np.ones((1, 2), np.float32))}) == 2
+            assert idle[0].closed()      # the oldest made room
+        finally:
+            for conn in idle:
+                conn.close()
+        np.testing.assert_array_equal(admin.pull("emb")[:, 0], [0, -1, -1, 0])
+
+
 def test_a_sender_stalled_mid_frame_is_dropped_and_its_budget_released():
     """SPARSEPS_FRAME_TIMEOUT_S: a frame whose bytes stop coming loses its connection; nothing of it
     is applied, the memory it reserved is free again, and an idle connection is not dropped."""
