@@ -22,8 +22,8 @@ from sparseps.tensors import DTYPE_NAMES, from_tensor
 
 log = logging.getLogger("sparseps.server")
 
-WINDOW = 4096          # remembered sequences per client
-MAX_CLIENTS = 100_000  # remembered clients (least recently used forgotten first)
+WINDOW = 512           # remembered answers per client (retries come for the last few pushes)
+MAX_CLIENTS = 20_000   # remembered clients (least recently used forgotten first)
 
 
 # Log record kinds: the first byte of each write-ahead-log payload.
@@ -104,34 +104,57 @@ class PushPipeline:
         self.checkpoints = None
         self.sync = None                        # sync / bounded-staleness coordination, when present
         self.answers = collections.OrderedDict()  # client id -> OrderedDict(sequence -> (lsn, iterations))
+        self.floors: dict[str, int] = {}         # client id -> highest sequence dropped from its window
         self.pushes_since_checkpoint = 0
 
     # ------------------------------------------------------------------ exactly-once
     def _remembered(self, client_id, sequence):
+        """The answer of an applied push (client, sequence), or None if it is new. A sequence at or
+        below the client's floor that is no longer in its window is refused rather than applied
+        again: it was applied (and its answer forgotten), or it arrived after WINDOW later pushes."""
         seqs = self.answers.get(client_id)
         if seqs is None:
             return None
-        return seqs.get(sequence)
+        hit = seqs.get(sequence)
+        if hit is None and sequence <= self.floors.get(client_id, 0):
+            raise errors.FailedPrecondition(
+                f"push #{sequence} of client {client_id!r} is older than the last {WINDOW} pushes this shard "
+                "remembers for that client: it was applied already, or arrived after them; it is not applied "
+                "(again)")
+        return hit
 
     def _remember(self, client_id, sequence, lsn, iterations):
         seqs = self.answers.get(client_id)
         if seqs is None:
             seqs = self.answers[client_id] = collections.OrderedDict()
             if len(self.answers) > MAX_CLIENTS:
-                self.answers.popitem(last=False)
+                gone, _ = self.answers.popitem(last=False)
+                self.floors.pop(gone, None)
         else:
             self.answers.move_to_end(client_id)
         seqs[sequence] = (lsn, dict(iterations))
         if len(seqs) > WINDOW:
-            seqs.popitem(last=False)
+            old, _ = seqs.popitem(last=False)
+            self.floors[client_id] = max(self.floors.get(client_id, 0), old)
 
     def dedupe_state(self) -> dict:
-        return {c: [[s, lsn, its] for s, (lsn, its) in seqs.items()] for c, seqs in self.answers.items()}
+        return {c: {"floor": self.floors.get(c, 0), "answers": [[s, lsn, its] for s, (lsn, its) in seqs.items()]}
+                for c, seqs in self.answers.items()}
 
     def load_dedupe_state(self, state: dict):
         self.answers.clear()
+        self.floors.clear()
         for c, entries in state.items():
+            if isinstance(entries, dict):
+                floor, entries = entries["floor"], entries["answers"]
+            else:   # a checkpoint from before floors: the window of 4096 it kept
+                floor = 0
+            if len(entries) > WINDOW:
+                floor = max(floor, max(s for s, _, _ in entries[:-WINDOW]))
+                entries = entries[-WINDOW:]
             self.answers[c] = collections.OrderedDict((s, (lsn, its)) for s, lsn, its in entries)
+            if floor:
+                self.floors[c] = floor
 
     @staticmethod
     def _response(iterations: dict, duplicate=False) -> "pb.PushResponse":

@@ -29,14 +29,14 @@ def sgd_table(client, name="emb", rows=ROWS, dim=DIM):
     return client.create_variable(name, initial_value=np.zeros((rows, dim), np.float32), optimizer="sgd")
 
 
-def raw_push(address, ids, client_id, sequence, name="emb"):
+def raw_push(address, ids, client_id, sequence, name="emb", stub=None):
     import grpc
-    with grpc.insecure_channel(address) as ch:
-        stub = pb_grpc.ParameterServerStub(ch)
-        req = pb.PushRequest(client_id=client_id, sequence=sequence, gradients=[pb.Gradient(
-            variable=name, ids=to_tensor(np.asarray(ids, np.int64)),
-            values=to_tensor(np.ones((len(ids), DIM), np.float32)))])
+    req = pb.PushRequest(client_id=client_id, sequence=sequence, gradients=[pb.Gradient(
+        variable=name, ids=to_tensor(np.asarray(ids, np.int64)), values=to_tensor(np.ones((len(ids), DIM), np.float32)))])
+    if stub is not None:
         return stub.Push(req, timeout=10)
+    with grpc.insecure_channel(address) as ch:
+        return pb_grpc.ParameterServerStub(ch).Push(req, timeout=10)
 
 
 def test_retry_of_an_applied_push_applies_nothing(tmp_path):
@@ -66,6 +66,35 @@ def test_retry_of_an_applied_push_applies_nothing(tmp_path):
     with LocalServer("--data-dir", str(tmp_path), port=port) as srv:
         again = raw_push(srv.address, [1], "trainer-a", 8)
         assert again.duplicate and again.iterations[0].iterations == 2
+
+
+def test_a_retry_older_than_the_remembered_window_is_refused_not_applied_again(tmp_path):
+    """Each client's last 512 answers are kept; a retry of an older sequence is refused with
+    FAILED_PRECONDITION (it was applied, or came after 512 later pushes), never applied twice;
+    also after a restart from a checkpoint."""
+    import grpc
+
+    from sparseps.server.pushes import WINDOW
+    with LocalServer("--data-dir", str(tmp_path)) as srv:
+        client = sparseps.connect(srv.address)
+        sgd_table(client)
+        with grpc.insecure_channel(srv.address) as ch:
+            stub = pb_grpc.ParameterServerStub(ch)
+            for seq in range(1, WINDOW + 2):
+                raw_push(srv.address, [0], "trainer-b", seq, stub=stub)
+            with pytest.raises(grpc.RpcError) as e:
+                raw_push(srv.address, [0], "trainer-b", 1, stub=stub)
+            assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "not applied" in e.value.details()
+            assert raw_push(srv.address, [0], "trainer-b", 2, stub=stub).duplicate   # still in the window
+        assert client.pull("emb", [0])[0, 0] == -(WINDOW + 1)
+        client.checkpoint()
+        client.close()
+    with LocalServer("--data-dir", str(tmp_path)) as srv, sparseps.connect(srv.address) as client:
+        with pytest.raises(grpc.RpcError) as e:
+            raw_push(srv.address, [0], "trainer-b", 1)
+        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert client.pull("emb", [0])[0, 0] == -(WINDOW + 1)
+        assert client.optimizer("sgd").iterations == WINDOW + 1
 
 
 @pytest.mark.parametrize("policy", ["fsync", "group"])
