@@ -378,7 +378,10 @@ class SyncManager:
         delay = 0.05
         while True:
             try:
-                return stub.SyncCommit(request, timeout=30, metadata=self.metadata).iterations
+                # a hung shard costs the round at most its deadline (a commit that takes longer is
+                # applied anyway; the re-driver's next send is answered at once)
+                timeout = max(1.0, min(30.0, deadline - time.monotonic()))
+                return stub.SyncCommit(request, timeout=timeout, metadata=self.metadata).iterations
             except grpc.RpcError as e:
                 err = errors.from_rpc_error(e)
                 if err.code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) or \
