@@ -75,7 +75,7 @@ def test_a_retry_older_than_the_remembered_window_is_refused_not_applied_again(t
     import grpc
 
     from sparseps.server.pushes import WINDOW
-    with LocalServer("--data-dir", str(tmp_path)) as srv:
+    with LocalServer("--data-dir", str(tmp_path), "--wal-sync", "none") as srv:   # (the checkpoint keeps it)
         client = sparseps.connect(srv.address)
         sgd_table(client)
         with grpc.insecure_channel(srv.address) as ch:
