@@ -172,11 +172,13 @@ def test_dashboard_metric_names_exist():
 
     import sparseps.metrics as client_metrics
     from sparseps.server.backends import create
+    from sparseps.server.limits import MemoryBudget
     from sparseps.server.metrics import ServerMetrics
     from sparseps.server.state import Shard
 
     exported = set()
-    for registry in (ServerMetrics(Shard(create("numpy")), process_metrics=True).registry, client_metrics.REGISTRY):
+    server = ServerMetrics(Shard(create("numpy")), budget=MemoryBudget(1 << 30), process_metrics=True)   # (the default)
+    for registry in (server.registry, client_metrics.REGISTRY):
         text = generate_latest(registry).decode()
         exported |= {name for name, _ in re.findall(r"^# TYPE (\S+) (\w+)", text, re.M)}
     suffixes = ("_bucket", "_count", "_sum", "_total")
