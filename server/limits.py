@@ -85,8 +85,9 @@ class WaitSlots:
     which the client retries with backoff: the pool always keeps threads for the pushes and votes
     that end the waits, however many workers wait."""
 
-    def __init__(self, limit: int, threads: int):
-        self.limit, self.threads = max(1, int(limit)), threads
+    def __init__(self, threads: int):
+        # all but a quarter of the threads (at least 2 kept for serving)
+        self.threads, self.limit = threads, max(1, threads - max(2, threads // 4))
         self.in_use = 0
         self._lock = threading.Lock()
 
@@ -102,11 +103,6 @@ class WaitSlots:
     def release(self):
         with self._lock:
             self.in_use -= 1
-
-
-def wait_slots_for(threads: int) -> int:
-    """Of `threads` gRPC threads, those that may wait: all but a quarter (at least 2) kept for serving."""
-    return max(1, threads - max(2, threads // 4))
 
 
 class _Ticket:

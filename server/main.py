@@ -194,7 +194,6 @@ def serve(args, ready: threading.Event | None = None):
     from sparseps.proto import sparseps_pb2_grpc as pb_grpc
 
     from . import backends
-    from .limits import WaitSlots, wait_slots_for
     from .service import ParameterServerService
     from .state import Shard
 
@@ -216,16 +215,16 @@ def serve(args, ready: threading.Event | None = None):
         ("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
         ("grpc.so_reuseport", 0)])
     server.interceptors = interceptors
+    budget = memory_budget(interceptors)
     metrics = None
     if args.metrics_port:
         from .metrics import ServerMetrics
-        metrics = ServerMetrics(shard, budget=memory_budget(interceptors))   # before the pipeline: a replay's applies are measured too
+        metrics = ServerMetrics(shard, budget=budget)   # before the pipeline: a replay's applies are measured too
     pipeline = open_pipeline(shard, args)
     pipeline.metrics = metrics
-    service = ParameterServerService(shard, cluster, metrics=metrics, pushes=pipeline)
+    service = ParameterServerService(shard, cluster, metrics=metrics, pushes=pipeline, threads=args.threads)
     service.max_message = limit
-    service.budget = memory_budget(interceptors)
-    service.waits = WaitSlots(wait_slots_for(args.threads), args.threads)   # the rest serve the pushes waited for
+    service.budget = budget
     pb_grpc.add_ParameterServerServicer_to_server(service, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -186,8 +186,10 @@ class PushPipeline:
                 if hit is not None:
                     return self._duplicate(hit)
             started = time.perf_counter()
-            self.shard.ensure_slots(by_opt)   # (out of memory here: refused before it is logged)
-            lsn = self.wal.append(sealed=sealed) if self.wal is not None else 0
+            lsn = 0
+            if self.wal is not None:
+                self.shard.ensure_slots(by_opt)   # (out of memory here: refused before it is logged)
+                lsn = self.wal.append(sealed=sealed)
             iterations = self.shard.apply(by_opt)
             if self.sync is not None and request.worker_id:
                 self.sync.applied(request, by_opt)   # bounded staleness: the worker's clock

@@ -19,7 +19,7 @@ from sparseps.proto import sparseps_pb2 as pb
 from sparseps.proto import sparseps_pb2_grpc as pb_grpc
 from sparseps.tensors import from_tensor, to_tensor
 
-from .limits import WaitSlots, pull_answer_bytes, pull_waits, wait_slots_for
+from .limits import WaitSlots, pull_answer_bytes, pull_waits
 from .pushes import PushPipeline, gradients_of
 
 log = logging.getLogger("sparseps.server")
@@ -98,13 +98,13 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
     budget = None              # the limits.MemoryBudget of both transports (a waiting pull's answer is charged here)
     data_port = 0              # the data plane's port, advertised in ServerInfo (0 = none)
     data_tls = False
-    def __init__(self, shard, cluster=(), metrics=None, pushes=None):
+    def __init__(self, shard, cluster=(), metrics=None, pushes=None, threads: int = 16):
         self.shard = shard
         self.cluster = list(cluster)
         self.metrics = metrics
         self.pushes = pushes if pushes is not None else PushPipeline(shard)  # every state change goes here
-        self.waits = WaitSlots(wait_slots_for(16), 16)   # main.serve sizes it from --threads
-        self._waiting_lock = threading.Lock()
+        self.waits = WaitSlots(threads)   # of the gRPC pool's threads, those that may wait for other workers
+        self._active_lock = threading.Lock()
         self._active = 0   # pulls and pushes being served right now (both transports)
 
     # ---- metrics hooks (no-ops without metrics) ----
@@ -215,7 +215,7 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
     @contextlib.contextmanager
     def serving(self):
         """Count a pull/push in progress; kernels run on several cores only when it is alone."""
-        with self._waiting_lock:
+        with self._active_lock:
             self._active += 1
             alone = self._active == 1
         parallel = getattr(self.shard.bk, "parallel", None)
@@ -224,7 +224,7 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
         try:
             yield
         finally:
-            with self._waiting_lock:
+            with self._active_lock:
                 self._active -= 1
 
     def pull(self, request, ids, remaining=None, pooled=False):
@@ -247,12 +247,13 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
                     self.pushes.wait_for(request.variable, request.min_iterations, t)
             if request.worker_id and self.pushes.sync is not None:   # bounded staleness
                 self.pushes.sync.wait_bounded(request.variable, request.worker_id, t, wait_slot=slot)
-        if self.budget is not None and pull_waits(request):   # charged now that the wait is over
-            with self.budget.hold("Pull", pull_answer_bytes(self.shard, request.variable,
-                                                            len(ids) if ids is not None else None,
-                                                            request.row_start, request.row_stop)):
-                return self._pull(request.variable, ids, request.slot, request.row_start, request.row_stop, "pull")
-        return self._pull(request.variable, ids, request.slot, request.row_start, request.row_stop, "pull")
+        held = contextlib.nullcontext()
+        if self.budget is not None and pull_waits(request):   # its answer is charged now that the wait is over
+            held = self.budget.hold("Pull", pull_answer_bytes(self.shard, request.variable,
+                                                              len(ids) if ids is not None else None,
+                                                              request.row_start, request.row_stop))
+        with held:
+            return self._pull(request.variable, ids, request.slot, request.row_start, request.row_stop, "pull")
 
     def _reached(self, variable, min_iterations) -> bool:
         var = self.shard.variable(variable)

@@ -339,7 +339,7 @@ class Shard:
             names = opt.impl.slot_names()
             new = [g.var for g in grads if names and any(n not in g.var.slots for n in names)]
             if new:
-                self._create_slots(opt, list({id(v): v for v in new}.values()))
+                self._create_slots(opt, new)   # (decode_push refused a variable named twice)
 
     def _step(self, opt: OptimizerState, grads: list, timings: list | None = None) -> int:
         impl, bk = opt.impl, self.bk

@@ -61,6 +61,11 @@ def _ref(key) -> "pb.ReplicaRef":
     return pb.ReplicaRef(client_id=key[0], sequence=key[1])
 
 
+def _no_slot(what):
+    """A wait that takes no slot (the service passes its limit on waiting threads instead)."""
+    return contextlib.nullcontext()
+
+
 class _Prepared:
     __slots__ = ("step", "request")
 
@@ -259,7 +264,7 @@ class SyncManager:
                     c.decided[step] = list(keys)
             return c
 
-    def vote(self, request, wait_slot=None) -> "pb.SyncVoteResponse":
+    def vote(self, request, wait_slot=_no_slot) -> "pb.SyncVoteResponse":
         """A replica's push for `step` is prepared everywhere: admit it (or not), commit when N are in.
         wait_slot(what): a context held while waiting for the other votes (the service's limit on
         waiting threads); when it refuses, the vote stays recorded and the replica asks again."""
@@ -301,7 +306,7 @@ class SyncManager:
                 self._decide(name, c, step, admitted[:need])
                 self._finish_pending(name, c)
                 return self._answer(name, step, True, opt)
-            with (wait_slot or _no_slot)(f"sync vote for step {step} of {name!r} (recorded: {len(admitted)} of "
+            with wait_slot(f"sync vote for step {step} of {name!r} (recorded: {len(admitted)} of "
                                          f"{need} replicas have voted)"):
                 while True:
                     keys = c.decided.get(step)
@@ -495,7 +500,7 @@ class SyncManager:
                     clocks[w] = clocks.get(w, 0) + 1
             self.shard.step_cond.notify_all()
 
-    def wait_bounded(self, variable: str, worker_id: str, timeout: float, wait_slot=None):
+    def wait_bounded(self, variable: str, worker_id: str, timeout: float, wait_slot=_no_slot):
         """Hold a pull of `worker_id` until the slowest worker is within `staleness` pushes of it.
         wait_slot(what): a context held while waiting (the service's limit on waiting threads)."""
         var = self.shard.variable(variable)
@@ -522,7 +527,7 @@ class SyncManager:
                 return slowest()[1] >= clocks[worker_id] - s
             if within():
                 return
-            with (wait_slot or _no_slot)(f"pull of {variable!r} by worker {worker_id!r} (bounded staleness)"):
+            with wait_slot(f"pull of {variable!r} by worker {worker_id!r} (bounded staleness)"):
                 waited = cond.wait_for(within, timeout)
             if not waited:
                 w, c = slowest()
@@ -602,7 +607,3 @@ def attach(pipeline, args=None) -> SyncManager:
     max_message = (getattr(args, "max_message_mb", 256) or 256) << 20
     pipeline.sync = SyncManager(pipeline, cluster, credentials, metadata, max_message)
     return pipeline.sync
-
-
-def _no_slot(what):
-    return contextlib.nullcontext()
