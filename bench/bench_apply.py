@@ -31,6 +31,8 @@ import time
 import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+from harness import ZipfIds, id_pool, proc_mem  # noqa: E402
 _FUSED = "sparseps.server.backends.fused"
 
 
@@ -48,14 +50,6 @@ def load_fused():
         sys.modules[_FUSED] = mod
         spec.loader.exec_module(mod)
         return mod
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 # ------------------------------------------------------------------------------------ state
@@ -132,29 +126,6 @@ def make_apply(backend: str, state: State):
     raise ValueError(f"unknown backend {backend!r}")
 
 
-# ------------------------------------------------------------------------------------ ids
-class Zipf:
-    """Finite Zipf(s) over ranks 1..rows; ranks are randomly permuted over the table rows."""
-
-    def __init__(self, rows, s, rng):
-        w = np.arange(1, rows + 1, dtype=np.float64) ** -s
-        self.cdf = np.cumsum(w)
-        self.cdf /= self.cdf[-1]
-        self.perm = rng.permutation(rows).astype(np.int64)
-
-    def sample(self, n, rng):
-        ranks = np.searchsorted(self.cdf, rng.random(n), side="right")
-        return self.perm[np.minimum(ranks, self.perm.size - 1)]
-
-
-def make_pool(dist, batch, rows, pool, rng, zipf):
-    if dist == "uniform":
-        return [rng.integers(0, rows, size=batch, dtype=np.int64) for _ in range(pool)]
-    if dist == "zipf":
-        return [zipf.sample(batch, rng) for _ in range(pool)]
-    raise ValueError(f"unknown distribution {dist!r}")
-
-
 # ------------------------------------------------------------------------------------ main
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -207,18 +178,18 @@ def main(argv=None):
     layer = numba.threading_layer()
 
     # -- table + slots, resident
-    rss0 = rss_bytes()
+    rss0 = proc_mem("self")["VmRSS"]
     state = State(args.rows, args.dim, dtype, args.seed)
-    rss1 = rss_bytes()
+    rss1 = proc_mem("self")["VmRSS"]
     table_bytes = state.var.nbytes
     slots_bytes = state.m.nbytes + state.v.nbytes
 
     rng = np.random.default_rng(args.seed + 1)
-    zipf = Zipf(args.rows, args.zipf_s, rng) if "zipf" in dists else None
+    zipf = ZipfIds(args.rows, args.zipf_s, rng=rng) if "zipf" in dists else None
     cases = []
     for dist in dists:
         for b in batches:
-            pool = make_pool(dist, b, args.rows, args.pool, rng, zipf)
+            pool = id_pool(dist, args.rows, b, args.pool, rng=rng, zipf=zipf)
             grads = (rng.standard_normal((b, args.dim), dtype=np.float32) * 0.01).astype(dtype)
             uniq = float(np.mean([np.unique(ids).size for ids in pool]))
             cases.append(dict(dist=dist, batch=b, pool=pool, grads=grads, mean_unique=uniq,

@@ -20,201 +20,15 @@ worker CPU per step. Also, when the server supports it, the cost of sync mode pe
     .venv/bin/python bench/bench_cluster.py --rows 20000 --dur 1 --rounds 1 --workers 1,2   # smoke
 """
 import argparse
-import datetime
-import json
 import os
-import subprocess
 import sys
 import threading
-import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_e2e import (REPO, RESULTS, fmt_mr, grad_pool, id_pool, loadavg, machine_info, pct,  # noqa: E402
-                       proc_cpu, proc_mem, setup_table, start_sparseps, busiest_other)
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def set_client_mallopt():
-    """The malloc settings sparseps-server uses (MALLOC_ENV), applied to this process at run time."""
-    import ctypes
-    libc = ctypes.CDLL("libc.so.6")
-    M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
-    return (libc.mallopt(M_MMAP_THRESHOLD, 256 << 20), libc.mallopt(M_TRIM_THRESHOLD, 512 << 20),
-            libc.mallopt(M_TOP_PAD, 64 << 20))
-
-
-# ---------------------------------------------------------------------------------------------
-# the embedding-bag model (perf_anchors.md section 4) in numpy: forward + backward
-# ---------------------------------------------------------------------------------------------
-class EmbBag:
-    """ids [bags, bag] -> rows of the table -> mean over the bag -> Dense(1) -> sigmoid cross-entropy.
-
-    The dense head ("head", 65 floats: kernel then bias) lives on the server too, with the same
-    LazyAdam optimizer (dense path), as the Keras model's Dense layer does on the PS."""
-
-    def __init__(self, bag: int):
-        self.bag = bag
-
-    def grads(self, ids, uniq, inv, rows_u, head, labels):
-        n = ids.size // self.bag
-        dim = rows_u.shape[1]
-        emb = rows_u[inv].reshape(n, self.bag, dim)
-        h = emb.mean(axis=1, dtype=np.float32)                       # [n, dim]
-        w, b = head[:dim], head[dim]
-        logits = h @ w + b                                           # [n]
-        p = 1.0 / (1.0 + np.exp(-logits))
-        loss = float(np.mean(np.maximum(logits, 0) - logits * labels + np.log1p(np.exp(-np.abs(logits)))))
-        dlogits = ((p - labels) / n).astype(np.float32)              # [n]
-        g_head = np.empty(dim + 1, np.float32)
-        g_head[:dim] = h.T @ dlogits
-        g_head[dim] = dlogits.sum()
-        dh = np.outer(dlogits, w).astype(np.float32) / np.float32(self.bag)   # [n, dim]
-        d_rows = np.repeat(dh, self.bag, axis=0)                     # one row per id (duplicates summed by the server)
-        return loss, d_rows, g_head
-
-
-# ---------------------------------------------------------------------------------------------
-# worker process
-# ---------------------------------------------------------------------------------------------
-def worker_main(cfg: dict):
-    if cfg.get("client_mallopt"):
-        set_client_mallopt()
-    import sparseps
-    client = sparseps.connect(cfg["addresses"], data_plane=cfg.get("data_plane", True))
-    pool = id_pool(cfg["dist"], cfg["rows"], cfg["batch"], seed=100 + cfg["index"])
-    uniqs = [np.unique(x, return_inverse=True) for x in pool]
-    rng = np.random.default_rng(cfg["index"])
-    grads = grad_pool(cfg["batch"], cfg["dim"], seed=200 + cfg["index"])
-    labels = [rng.integers(0, 2, cfg["batch"] // cfg["bag"]).astype(np.float32) for _ in range(16)]
-    model = EmbBag(cfg["bag"]) if cfg["model"] == "embbag" else None
-    sync = cfg.get("sync")
-    var = cfg.get("var", "emb")
-    step_no = [0]
-
-    push_pull = cfg.get("push_pull") and not sync
-    prefetched = {}
-    head_ids = np.arange(65)
-
-    def step(i):
-        ids = pool[i % 16]
-        uniq, inv = uniqs[i % 16]
-        t0 = time.perf_counter()
-        if prefetched.get("i") == i:   # push_pull variant: read by the previous step's PushPull
-            rows, head = prefetched["rows"], prefetched["head"]
-        else:
-            rows = client.pull(var, uniq, min_iterations=step_no[0] if sync else 0)
-            head = client.pull("head") if model is not None else None
-        t1 = time.perf_counter()
-        if model is not None:
-            _, d_rows, g_head = model.grads(ids, uniq, inv, rows, head, labels[i % 16])
-            push = {var: (ids, d_rows), "head": g_head}
-        else:
-            push = {var: (ids, grads[i % len(grads)])}
-        t2 = time.perf_counter()
-        if sync:
-            from sparseps.client import StaleGradient
-            try:
-                it = client.push(push, step=step_no[0])
-            except StaleGradient as e:
-                it = max(e.iterations.values()) if e.iterations else step_no[0]
-            step_no[0] = it if isinstance(it, int) else max(it.values())
-        elif push_pull:   # one round trip: this step's push, the next step's rows
-            nxt = uniqs[(i + 1) % 16][0]
-            _, got = client.push_pull(push, {var: nxt, "head": head_ids} if model is not None else {var: nxt})
-            prefetched.update(i=i + 1, rows=got[var], head=got.get("head"))
-        else:
-            client.push(push)
-        t3 = time.perf_counter()
-        return len(uniq), t1 - t0, t3 - t2, t2 - t1
-
-    if sync:
-        step_no[0] = client.optimizer(cfg.get("opt", "opt")).iterations
-    for i in range(cfg["warmup_steps"]):
-        step(i)
-    ready = time.time()
-    late = ready > cfg["start_at"]
-    while time.time() < cfg["start_at"]:
-        time.sleep(0.0005)
-    end = cfg["start_at"] + cfg["dur"]
-    fixed = cfg.get("steps")   # sync mode: every worker pushes exactly this many steps (lockstep)
-    c0 = time.process_time()
-    pulls, pushes, computes = [], [], []
-    steps = rows = 0
-    i = cfg["index"] * 3
-    while True:
-        u, tp, tq, tc = step(i)
-        i += 1
-        if not fixed and time.time() > end:
-            break
-        steps += 1
-        rows += u
-        pulls.append(tp)
-        pushes.append(tq)
-        computes.append(tc)
-        if fixed and steps >= fixed:
-            break
-    finished = time.time()
-    c1 = time.process_time()
-    client.close()
-    print("JSON" + json.dumps({"index": cfg["index"], "steps": steps, "unique_rows": rows, "late": late,
-                               "ready_margin_s": cfg["start_at"] - ready, "cpu_s": c1 - c0,
-                               "elapsed_s": finished - cfg["start_at"],
-                               "pull_s": pulls, "push_s": pushes, "compute_s": computes}), flush=True)
-
-
-def run_workers(addresses, pids, n: int, args, model="none", sync=False, start_margin=None, steps=None,
-                var="emb", opt="opt") -> dict:
-    """Start n worker processes, run them for args.dur seconds (or `steps` steps each) from a common
-    instant, aggregate."""
-    margin = start_margin if start_margin is not None else args.start_margin + 0.75 * n
-    start_at = time.time() + margin
-    procs = []
-    for k in range(n):
-        cfg = {"addresses": addresses, "index": k, "dist": args.dist, "rows": args.rows, "dim": args.dim,
-               "batch": args.batch, "bag": args.bag, "model": model, "start_at": start_at, "dur": args.dur,
-               "warmup_steps": args.warmup_steps, "sync": sync, "client_mallopt": args.client_mallopt,
-               "push_pull": getattr(args, "push_pull", False), "data_plane": getattr(args, "data_plane", True),
-               "steps": steps, "var": var, "opt": opt}
-        procs.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(cfg)],
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    # server CPU over the window
-    while time.time() < start_at:
-        time.sleep(0.001)
-    cpu0 = [proc_cpu(p) for p in pids]
-    if steps:
-        for p in procs:
-            p.wait(300)
-    else:
-        time.sleep(args.dur)
-    cpu1 = [proc_cpu(p) for p in pids]
-    outs = []
-    for p in procs:
-        try:
-            so, se = p.communicate(timeout=120)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            so, se = p.communicate()
-        line = [x for x in so.splitlines() if x.startswith("JSON")]
-        if p.returncode != 0 or not line:
-            raise RuntimeError(f"worker failed (rc {p.returncode}): {se[-3000:]}")
-        outs.append(json.loads(line[0][4:]))
-    window = max(o["elapsed_s"] for o in outs) if steps else args.dur
-    steps = sum(o["steps"] for o in outs)
-    pulls = [x for o in outs for x in o["pull_s"]]
-    pushes = [x for o in outs for x in o["push_s"]]
-    computes = [x for o in outs for x in o["compute_s"]]
-    return {"workers": n, "window_s": window, "steps_s": steps / window,
-            "rows_s": sum(o["unique_rows"] for o in outs) / window,
-            "late_workers": sum(o["late"] for o in outs), "min_ready_margin_s": min(o["ready_margin_s"] for o in outs),
-            "pull_p50_us": pct(pulls, 50) * 1e6, "pull_p99_us": pct(pulls, 99) * 1e6,
-            "push_p50_us": pct(pushes, 50) * 1e6, "push_p99_us": pct(pushes, 99) * 1e6,
-            "compute_p50_us": pct(computes, 50) * 1e6,
-            "server_cpu_us_per_step": [(c1 - c0) / steps * 1e6 if steps else None for c0, c1 in zip(cpu0, cpu1)],
-            "server_cpu_util": [(c1 - c0) / window for c0, c1 in zip(cpu0, cpu1)],
-            "worker_cpu_us_per_step": sum(o["cpu_s"] for o in outs) / steps * 1e6 if steps else None}
+from harness import (add_table_args, add_worker_args, busiest_other, fmt_mr, id_pool, int_list,  # noqa: E402
+                     loadavg, machine_info, proc_mem, record, run_workers, setup_table, start_sparseps)
 
 
 def probe_sync(client, timeout=5.0) -> str:
@@ -250,18 +64,10 @@ def probe_sync(client, timeout=5.0) -> str:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--worker", help=argparse.SUPPRESS)
-    p.add_argument("--rows", type=int, default=1_000_000)
-    p.add_argument("--dim", type=int, default=64)
-    p.add_argument("--batch", type=int, default=4096)
-    p.add_argument("--bag", type=int, default=8)
-    p.add_argument("--dist", default="uniform", choices=["uniform", "zipf"])
+    add_table_args(p)
     p.add_argument("--shards", default="1,2")
     p.add_argument("--workers", default="1,2,4")
-    p.add_argument("--dur", type=float, default=3.0, help="seconds per configuration window")
-    p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--warmup-steps", type=int, default=5)
-    p.add_argument("--start-margin", type=float, default=2.0, help="seconds for workers to start and warm up")
+    add_worker_args(p, dur=3.0, dur_help="seconds per configuration window")
     p.add_argument("--client-mallopt", action="store_true",
                    help="workers apply the server's malloc settings to themselves (mallopt) at start")
     p.add_argument("--transport", default="data", choices=["data", "grpc"],
@@ -270,14 +76,10 @@ def main():
                    help="workers use client.push_pull (this step's push, the next step's rows, one round trip)")
     p.add_argument("--no-sync", action="store_true", help="skip the sync-mode measurement")
     p.add_argument("--sync-steps", type=int, default=40, help="sync vs async: steps per worker (lockstep)")
-    p.add_argument("--out", default=None)
     a = p.parse_args()
-    if a.worker:
-        return worker_main(json.loads(a.worker))
     a.data_plane = a.transport == "data"
     import sparseps
-    shards = [int(x) for x in a.shards.split(",")]
-    workers = [int(x) for x in a.workers.split(",")]
+    shards, workers = int_list(a.shards), int_list(a.workers)
     res = {"machine": machine_info(), "params": vars(a), "rounds": []}
     clusters = {}
     try:
@@ -321,15 +123,7 @@ def main():
             for x in v:
                 x.stop()
     res["loadavg_end"] = loadavg()
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S")
-    os.makedirs(RESULTS, exist_ok=True)
-    out = a.out or os.path.join(RESULTS, f"cluster_{stamp}.json")
-    with open(out, "w") as f:
-        json.dump(res, f, indent=1, default=str)
-    text = report(res) + f"\n\n(raw: {os.path.relpath(out, REPO)})"
-    print(text)
-    with open(os.path.join(RESULTS, f"cluster_{stamp}.md"), "w") as f:
-        f.write(text + "\n")
+    record("cluster", res, report, a.out)
 
 
 def run_sync(a, workers, servers) -> dict:
@@ -359,8 +153,7 @@ def run_sync(a, workers, servers) -> dict:
 def report(res) -> str:
     a = res["params"]
     R = res["rounds"]
-    shards = [int(x) for x in a["shards"].split(",")]
-    workers = [int(x) for x in a["workers"].split(",")]
+    shards, workers = int_list(a["shards"]), int_list(a["workers"])
     lines = [f"# bench_cluster — {res['machine']['date_utc']} UTC, `{res['machine']['command']}`", "",
              f"table {a['rows']:,} x {a['dim']} LazyAdam (numba), {a['batch']} {a['dist']} ids per step, step = "
              f"{'push_pull(ids, rows; next unique ids)' if a.get('push_pull') else 'pull(unique ids) + push(ids, rows)'}"

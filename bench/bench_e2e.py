@@ -31,181 +31,27 @@ figures taken under the same machine load:
     .venv/bin/python bench/bench_e2e.py --rows 20000 --dur 0.5 --rounds 1 --lat-seconds 2   # smoke
     .venv/bin/python bench/bench_e2e.py --facts-only            # only the "facts" A/Bs (see --facts)
 
-The module also holds the helpers that bench_cluster.py and compare_peer.py import.
+The echo clients below (RawEchoConn, EchoClient, stream_run) also serve e2e_facts.py; the
+plumbing (servers, the timing loop, workloads, result files) is harness.py's.
 """
 import argparse
-import datetime
-import json
 import os
-import platform
-import signal
 import socket
-import statistics
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 
 import numpy as np
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
-RESULTS = os.path.join(HERE, "results")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import (REPO, EchoServer, add_table_args, busiest_other, closed_loop, fmt_mr,  # noqa: E402
+                     grad_pool, id_pool, int_list, loadavg, machine_info, pct, proc_cpu, proc_mem,
+                     result_path, save_json, save_text, setup_table, start_sparseps, utc_stamp)
 
 
 # ---------------------------------------------------------------------------------------------
-# workload: ids as in bench_apply / perf_anchors.md (uniform; finite Zipf s=1.05, permuted ranks)
+# echo clients: the raw TCP ceiling (the data plane's framing) and the gRPC ceiling
 # ---------------------------------------------------------------------------------------------
-class ZipfIds:
-    """Finite Zipf law over `n` ranks (p_k ~ k^-s, k = 1..n), ranks randomly permuted over the rows."""
-
-    def __init__(self, n: int, s: float = 1.05, seed: int = 1234):
-        rng = np.random.default_rng(seed)
-        w = np.arange(1, n + 1, dtype=np.float64) ** -s
-        self.cdf = np.cumsum(w)
-        self.cdf /= self.cdf[-1]
-        self.perm = rng.permutation(n).astype(np.int64)
-
-    def sample(self, rng, size: int) -> np.ndarray:
-        ranks = np.searchsorted(self.cdf, rng.random(size), side="right")
-        return self.perm[np.minimum(ranks, len(self.perm) - 1)]
-
-
-def id_pool(dist: str, n_rows: int, batch: int, pools: int = 16, seed: int = 7) -> list:
-    """`pools` pre-generated id batches (int64), so id generation stays outside timed loops."""
-    rng = np.random.default_rng(seed)
-    if dist == "uniform":
-        return [rng.integers(0, n_rows, batch, dtype=np.int64) for _ in range(pools)]
-    if dist == "zipf":
-        z = ZipfIds(n_rows)
-        return [z.sample(rng, batch) for _ in range(pools)]
-    raise ValueError(dist)
-
-
-def grad_pool(batch: int, dim: int, pools: int = 4, seed: int = 11) -> list:
-    rng = np.random.default_rng(seed)
-    return [(rng.standard_normal((batch, dim)) * 1e-3).astype(np.float32) for _ in range(pools)]
-
-
-# ---------------------------------------------------------------------------------------------
-# process accounting
-# ---------------------------------------------------------------------------------------------
-_TICK = os.sysconf("SC_CLK_TCK")
-
-
-def proc_cpu(pid: int) -> float:
-    """utime + stime of a process (all threads), seconds."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _TICK
-
-
-def proc_mem(pid: int) -> dict:
-    out = {}
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            k, _, v = line.partition(":")
-            if k in ("VmRSS", "VmHWM"):
-                out[k] = int(v.split()[0]) * 1024
-    return out
-
-
-def loadavg() -> list:
-    with open("/proc/loadavg") as f:
-        return [float(x) for x in f.read().split()[:3]]
-
-
-def busiest_other(exclude=()) -> str:
-    """The busiest process not ours right now (what else was running), via ps."""
-    try:
-        out = subprocess.run(["ps", "-eo", "pid,pcpu,comm", "--sort=-pcpu", "--no-headers"],
-                             capture_output=True, text=True, timeout=5).stdout.splitlines()
-    except Exception:
-        return "?"
-    for line in out:
-        parts = line.split(None, 2)
-        if len(parts) == 3 and int(parts[0]) not in exclude and int(parts[0]) != os.getpid():
-            return f"{parts[2]} (pid {parts[0]}, {parts[1]} %)"
-    return "-"
-
-
-def machine_info() -> dict:
-    import grpc
-    info = {"date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
-            "host": socket.gethostname(), "cpus": os.cpu_count(), "python": platform.python_version(),
-            "numpy": np.__version__, "grpcio": grpc.__version__, "loadavg_start": loadavg(),
-            "command": " ".join([os.path.relpath(sys.executable, REPO) if sys.executable.startswith(REPO)
-                                 else sys.executable] + [os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:])}
-    try:
-        import numba
-        info["numba"] = numba.__version__
-    except ImportError:
-        pass
-    try:
-        with open("/proc/cpuinfo") as f:
-            info["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except Exception:
-        pass
-    return info
-
-
-def pct(values, q) -> float:
-    return float(np.percentile(np.asarray(values, dtype=np.float64), q)) if len(values) else float("nan")
-
-
-def med_range(values) -> tuple:
-    v = [x for x in values if x == x]
-    if not v:
-        return (float("nan"),) * 3
-    return statistics.median(v), min(v), max(v)
-
-
-def fmt_mr(values, scale=1.0, digits=2) -> str:
-    m, lo, hi = med_range([x * scale for x in values])
-    if len(values) == 1:
-        return f"{m:.{digits}f}"
-    return f"{m:.{digits}f} [{lo:.{digits}f}–{hi:.{digits}f}]"
-
-
-# ---------------------------------------------------------------------------------------------
-# echo server process
-# ---------------------------------------------------------------------------------------------
-class EchoServer:
-    """bench/echo_server.py as a child process; stop() ends it by its PID."""
-
-    def __init__(self, *args, env=None, ready_timeout=30.0):
-        self._dir = tempfile.mkdtemp(prefix="echo-")
-        port_file = os.path.join(self._dir, "port")
-        self._log = open(os.path.join(self._dir, "log"), "ab")
-        self.proc = subprocess.Popen([sys.executable, os.path.join(HERE, "echo_server.py"), "--port", "0",
-                                      "--port-file", port_file, *args], stdout=self._log, stderr=subprocess.STDOUT,
-                                     env=env if env is not None else dict(os.environ))
-        self.pid = self.proc.pid
-        deadline = time.monotonic() + ready_timeout
-        while not os.path.exists(port_file):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError("echo server did not start: " + open(os.path.join(self._dir, "log")).read())
-            time.sleep(0.05)
-        self.address = "127.0.0.1:" + open(port_file).read()
-
-    def environ(self) -> dict:
-        with open(f"/proc/{self.pid}/environ", "rb") as f:
-            items = [kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv]
-        return {k.decode(): v.decode() for k, v in items}
-
-    def stop(self):
-        if self.proc.poll() is None:
-            os.kill(self.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.kill(self.pid, signal.SIGKILL)
-                self.proc.wait()
-        self._log.close()
-
-
 class RawEchoConn:
     """One TCP connection to `echo_server.py --raw-tcp` (the data plane's framing, nothing else)."""
 
@@ -265,57 +111,10 @@ class EchoClient:
         self.channel.close()
 
 
+
 # ---------------------------------------------------------------------------------------------
 # load generators
 # ---------------------------------------------------------------------------------------------
-def closed_loop(calls, dur: float, warmup: float, pids=()) -> dict:
-    """Run calls[i]() in a loop on thread i; count completions inside [t0, t0 + dur].
-
-    Each call returns (messages, unique rows, bytes). Also returns server CPU (per pid) and this
-    process's CPU (the client) over the window.
-    """
-    stop = threading.Event()
-    logs = [[] for _ in calls]
-    errors = []
-
-    def run(i):
-        fn, log = calls[i], logs[i]
-        try:
-            while not stop.is_set():
-                r = fn()
-                log.append((time.perf_counter(), r))
-        except Exception as e:  # report, do not hang
-            errors.append(repr(e))
-            stop.set()
-
-    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(len(calls))]
-    for t in threads:
-        t.start()
-    time.sleep(warmup)
-    t0 = time.perf_counter()
-    cpu0 = {p: proc_cpu(p) for p in pids}
-    c0 = time.process_time()
-    time.sleep(dur)
-    t1 = time.perf_counter()
-    cpu1 = {p: proc_cpu(p) for p in pids}
-    c1 = time.process_time()
-    stop.set()
-    for t in threads:
-        t.join()
-    if errors:
-        raise RuntimeError(errors[0])
-    msgs = rows = nbytes = 0
-    for log in logs:
-        for t, (m, r, b) in log:
-            if t0 < t <= t1:
-                msgs, rows, nbytes = msgs + m, rows + r, nbytes + b
-    el = t1 - t0
-    return {"seconds": el, "msgs": msgs, "msgs_s": msgs / el, "rows_s": rows / el, "MB_s": nbytes / el / 1e6,
-            "server_cpu_s": {str(p): cpu1[p] - cpu0[p] for p in pids}, "client_cpu_s": c1 - c0,
-            "server_cpu_us_per_msg": (sum(cpu1[p] - cpu0[p] for p in pids) / msgs * 1e6) if msgs else None,
-            "client_cpu_us_per_msg": ((c1 - c0) / msgs * 1e6) if msgs else None}
-
-
 def stream_run(echo: EchoClient, payloads, streams: int, dur: float, warmup: float, pid=None) -> dict:
     """Client-streaming: `streams` concurrent streams each send payloads for `dur` seconds, then
     wait for the single ack; the rate is messages / (time from start to the last ack)."""
@@ -387,203 +186,6 @@ def frame_bytes(frame) -> bytes:
     meta, arrays = frame
     return (frames.header(frames.PUSH, 0, len(meta), sum(a.nbytes for a in arrays)) + meta
             + b"".join(np.ascontiguousarray(a).tobytes() for a in arrays))
-
-
-def start_sparseps(num_shards=1, backend="numba", env=None):
-    from sparseps.local import LocalServer, start_cluster
-    if num_shards == 1:
-        return [LocalServer("--backend", backend, env=env)]
-    return start_cluster(num_shards, "--backend", backend, env=env)
-
-
-def setup_table(client, rows, dim, lr=1e-3, seed=3, consistency=None):
-    kw = {"consistency": consistency} if consistency else {}
-    client.create_optimizer("opt", {"class_name": "LazyAdam", "config": {"learning_rate": lr}}, **kw)
-    return client.create_variable("emb", shape=(rows, dim), optimizer="opt",
-                                  initializer={"class_name": "RandomUniform",
-                                               "config": {"minval": -0.05, "maxval": 0.05, "seed": seed}})
-
-
-# ---------------------------------------------------------------------------------------------
-# TF facts (run in a subprocess: TensorFlow is imported only there)
-# ---------------------------------------------------------------------------------------------
-TF_FACTS_CODE = r'''
-import json, sys, time, os
-import numpy as np
-import tensorflow as tf
-reps, rows, dim, batch = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-out = {"tf": tf.__version__}
-
-@tf.function
-def noop():
-    return tf.constant(0)
-noop()
-t = []
-for r in range(reps):
-    n = 2000
-    t0 = time.perf_counter()
-    for _ in range(n):
-        noop()
-    t.append((time.perf_counter() - t0) / n * 1e6)
-out["noop_tf_function_us"] = t
-
-rng = np.random.default_rng(0)
-var = tf.Variable(rng.uniform(-0.05, 0.05, (rows, dim)).astype(np.float32))
-m = tf.Variable(tf.zeros((rows, dim)))
-v = tf.Variable(tf.zeros((rows, dim)))
-pool = [tf.constant(rng.integers(0, rows, batch, dtype=np.int64)) for _ in range(16)]
-g = tf.constant((rng.standard_normal((batch, dim)) * 1e-3).astype(np.float32))
-b1, b2, lr, eps = 0.9, 0.999, 1e-3, 1e-7
-
-def apply(ids, grad):
-    uniq, idx = tf.unique(ids)
-    gs = tf.math.unsorted_segment_sum(grad, idx, tf.shape(uniq)[0])
-    mr = b1 * tf.gather(m, uniq) + (1 - b1) * gs
-    vr = b2 * tf.gather(v, uniq) + (1 - b2) * gs * gs
-    m.scatter_update(tf.IndexedSlices(mr, uniq))
-    v.scatter_update(tf.IndexedSlices(vr, uniq))
-    var.scatter_sub(tf.IndexedSlices(lr * mr / (tf.sqrt(vr) + eps), uniq))
-    return tf.shape(uniq)[0]
-
-fns = {"nojit": tf.function(apply), "jit": tf.function(apply, jit_compile=True)}
-for f in fns.values():
-    for ids in pool[:3]:
-        f(ids, g)
-res = {k: [] for k in fns}
-uniq_mean = float(np.mean([len(np.unique(p.numpy())) for p in pool]))
-for r in range(reps):
-    for k, f in fns.items():          # interleaved A/B
-        n = 100
-        t0 = time.perf_counter()
-        for i in range(n):
-            f(pool[i % 16], g)
-        res[k].append(n * uniq_mean / (time.perf_counter() - t0))
-out["apply_rows_s"] = res
-out["apply_unique_rows_per_batch"] = uniq_mean
-print("JSON" + json.dumps(out))
-'''
-
-
-def tf_facts(python: str, reps: int, rows: int, dim: int, batch: int) -> dict:
-    r = subprocess.run([python, "-c", TF_FACTS_CODE, str(reps), str(rows), str(dim), str(batch)],
-                       capture_output=True, text=True, timeout=600,
-                       env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
-    for line in r.stdout.splitlines():
-        if line.startswith("JSON"):
-            return json.loads(line[4:])
-    raise RuntimeError("tf facts failed: " + r.stderr[-2000:])
-
-
-CLIENT_PROBE_CODE = r'''
-import json, os, sys, time
-sys.path.insert(0, sys.argv[1])
-if sys.argv[5] == "1":
-    from bench_cluster import set_client_mallopt
-    set_client_mallopt()
-import numpy as np, sparseps
-if sys.argv[5] == "2":   # free one 16 MiB array first: glibc then raises its dynamic mmap threshold to 16 MiB
-    a = np.ones(4 << 20, np.float32)
-    del a
-from bench_e2e import EchoClient, grad_pool
-echo_addr, sp_addr, n = sys.argv[2], sys.argv[3], int(sys.argv[4])
-ec = EchoClient(echo_addr)
-c = sparseps.connect(sp_addr, data_plane=False)   # these facts are about gRPC pushes (as recorded)
-payloads = [os.urandom(1 << 20) for _ in range(2)]
-rng = np.random.default_rng(0)
-ids = [rng.integers(0, 65536, 4096, dtype=np.int64) for _ in range(4)]
-g = grad_pool(4096, 64, 2)
-from sparseps.proto import sparseps_pb2 as pb
-from sparseps.tensors import to_tensor
-
-
-def as_client_builds(i):   # the message construction of Client.push (nested constructors copy the bytes)
-    grad = pb.Gradient(variable="emb", ids=to_tensor(ids[i % 4]), values=to_tensor(g[i % 2]))
-    req = pb.PushRequest(gradients=[grad], client_id="x" * 32, sequence=i, optimizers=["opt"])
-    req.ByteSize()
-    return req.SerializeToString()
-
-
-def in_place(i):           # the same message built in place: one tobytes() and one copy per array
-    req = pb.PushRequest(client_id="x" * 32, sequence=i, optimizers=["opt"])
-    gr = req.gradients.add(variable="emb")
-    for t, arr in ((gr.ids, ids[i % 4]), (gr.values, g[i % 2])):
-        t.dtype = pb.INT64 if arr.dtype == np.int64 else pb.FLOAT32
-        t.shape[:] = arr.shape
-        t.data = arr.tobytes()
-    return req.SerializeToString()
-
-
-out = {}
-for name, fn in (("echo_unary_1MiB", lambda i: ec.unary(payloads[i % 2])),
-                 ("sparseps_push_4096x64", lambda i: c.push({"emb": (ids[i % 4], g[i % 2])})),
-                 ("build_as_client_push+echo_unary", lambda i: ec.unary(as_client_builds(i))),
-                 ("build_in_place+echo_unary", lambda i: ec.unary(in_place(i)))):
-    for i in range(10):
-        fn(i)
-    c0, t0 = time.process_time(), time.perf_counter()
-    for i in range(n):
-        fn(i)
-    out[name] = {"client_cpu_us": (time.process_time() - c0) / n * 1e6, "wall_us": (time.perf_counter() - t0) / n * 1e6}
-print("JSON" + json.dumps(out))
-'''
-
-
-def facts_client(n: int, rounds: int) -> dict:
-    """Client side of the malloc A/B: client CPU per 1 MiB echo request and per sparseps push, in a
-    child process with glibc defaults vs one that applies MALLOC_ENV's values with mallopt()."""
-    import sparseps
-    echo = EchoServer()
-    sp = start_sparseps(1, "numba")[0]
-    out = {"n": n, "rounds": []}
-    try:
-        c = sparseps.connect(sp.address)
-        setup_table(c, 65536, 64)
-        c.close()
-        for r in range(rounds):
-            rd = {}
-            for label, flag in (("default", "0"), ("default_after_16MiB_free", "2"), ("mallopt", "1")):
-                pr = subprocess.run([sys.executable, "-c", CLIENT_PROBE_CODE, HERE, echo.address, sp.address, str(n), flag],
-                                    capture_output=True, text=True, timeout=300)
-                line = [x for x in pr.stdout.splitlines() if x.startswith("JSON")]
-                if not line:
-                    raise RuntimeError("client probe failed: " + pr.stderr[-2000:])
-                rd[label] = json.loads(line[0][4:])
-            out["rounds"].append(rd)
-    finally:
-        sp.stop()
-        echo.stop()
-    return out
-
-
-def facts_grpc(msg_bytes: int, dur: float, warmup: float, rounds: int, threads: int) -> dict:
-    """1 MiB messages: echo unary vs client-streaming (same server), and the malloc-env A/B
-    (two echo servers, one with the env, one without, interleaved): server CPU per request."""
-    from sparseps.server.main import MALLOC_ENV
-    payloads = [os.urandom(msg_bytes) for _ in range(2)]
-    plain_env = {k: v for k, v in os.environ.items() if k not in MALLOC_ENV}
-    tuned = EchoServer()
-    plain = EchoServer("--no-malloc-tuning", env=plain_env)
-    out = {"msg_bytes": msg_bytes, "rounds": []}
-    try:
-        assert all(k in tuned.environ() for k in MALLOC_ENV), "tuned echo server lacks the malloc env"
-        assert not any(k in plain.environ() for k in MALLOC_ENV), "plain echo server has the malloc env"
-        ct, cp = EchoClient(tuned.address), EchoClient(plain.address)
-        for r in range(rounds):
-            rd = {}
-            for label, srv, cl in (("tuned", tuned, ct), ("default", plain, cp)):
-                for th in (1, threads):
-                    calls = [lambda cl=cl, i=i: (cl.unary(payloads[i % 2]), (1, 0, msg_bytes))[1]
-                             for i in range(th)]
-                    rd[f"unary_{label}_{th}"] = closed_loop(calls, dur, warmup, pids=(srv.pid,))
-            rd["stream_tuned_1"] = stream_run(ct, payloads, 1, dur, warmup, tuned.pid)
-            rd["stream_default_1"] = stream_run(cp, payloads, 1, dur, warmup, plain.pid)
-            out["rounds"].append(rd)
-        ct.close()
-        cp.close()
-    finally:
-        tuned.stop()
-        plain.stop()
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -882,55 +484,9 @@ def report_e2e(res) -> str:
                   f"{res.get('malloc_env_echo')}; of the raw TCP echo: {res.get('malloc_env_raw_echo')}"]
     return "\n".join(lines)
 
-
-def report_facts(f) -> str:
-    lines = [f"# facts — {f['machine']['date_utc']} UTC, `{f['machine']['command']}`", ""]
-    if "tf" in f:
-        t = f["tf"]
-        lines += [f"TF {t['tf']}: no-op tf.function call = {fmt_mr(t['noop_tf_function_us'], 1, 0)} µs; "
-                  f"sparse LazyAdam apply (tf.unique+unsorted_segment_sum+gather+scatter, {t['apply_unique_rows_per_batch']:.0f} "
-                  f"unique rows per batch): no jit {fmt_mr(t['apply_rows_s']['nojit'], 1e-6)} M rows/s, "
-                  f"jit_compile=True {fmt_mr(t['apply_rows_s']['jit'], 1e-6)} M rows/s, ratio jit/no-jit per rep "
-                  f"{fmt_mr([j / n for j, n in zip(t['apply_rows_s']['jit'], t['apply_rows_s']['nojit'])])}"]
-    if "grpc" in f:
-        g = f["grpc"]
-        R = g["rounds"]
-        th = max(int(k.rsplit("_", 1)[1]) for k in R[0] if k.startswith("unary_tuned_"))
-        lines += ["", f"echo server, {g['msg_bytes']:,}-byte messages, {len(R)} rounds:", "",
-                  "| server env | mode | msgs/s | MB/s | server CPU µs/msg |", "|---|---|---|---|---|"]
-        for label in ("tuned", "default"):
-            for key, mode in ((f"unary_{label}_1", "unary, 1 thread"), (f"unary_{label}_{th}", f"unary, {th} threads"),
-                              (f"stream_{label}_1", "client-streaming, 1 stream")):
-                rows = [r[key] for r in R]
-                lines.append(f"| {'malloc env' if label == 'tuned' else 'glibc default'} | {mode} | "
-                             f"{fmt_mr([x['msgs_s'] for x in rows], 1, 0)} | {fmt_mr([x['MB_s'] for x in rows], 1, 0)} | "
-                             f"{fmt_mr([x['server_cpu_us_per_msg'] for x in rows], 1, 0)} |")
-        lines += ["", "ratios per round: streaming/unary (1 thread, malloc env) = "
-                  + fmt_mr([r["stream_tuned_1"]["MB_s"] / r["unary_tuned_1"]["MB_s"] for r in R])
-                  + f"; server CPU per request default/env (unary {th} threads) = "
-                  + fmt_mr([r[f"unary_default_{th}"]["server_cpu_us_per_msg"] / r[f"unary_tuned_{th}"]["server_cpu_us_per_msg"]
-                            for r in R])
-                  + "; (1 thread) = "
-                  + fmt_mr([r["unary_default_1"]["server_cpu_us_per_msg"] / r["unary_tuned_1"]["server_cpu_us_per_msg"]
-                            for r in R])]
-    if "client" in f:
-        C = f["client"]["rounds"]
-        lines += ["", f"client side (child processes, 1 thread, {f['client']['n']} calls each, {len(C)} rounds), client CPU µs per call:",
-                  "", "| call | glibc default, fresh process | glibc default after one 16 MiB array was freed (dynamic "
-                  "mmap threshold raised) | mallopt (MALLOC_ENV values) | default / mallopt per round |", "|---|---|---|---|---|"]
-        for k in C[0]["default"]:
-            lines.append(f"| {k} | {fmt_mr([r['default'][k]['client_cpu_us'] for r in C], 1, 0)} | "
-                         f"{fmt_mr([r['default_after_16MiB_free'][k]['client_cpu_us'] for r in C], 1, 0)} | "
-                         f"{fmt_mr([r['mallopt'][k]['client_cpu_us'] for r in C], 1, 0)} | "
-                         f"{fmt_mr([r['default'][k]['client_cpu_us'] / r['mallopt'][k]['client_cpu_us'] for r in C])} |")
-    return "\n".join(lines)
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rows", type=int, default=1_000_000)
-    p.add_argument("--dim", type=int, default=64)
-    p.add_argument("--batch", type=int, default=4096)
+    add_table_args(p)
     p.add_argument("--backend", default="numba")
     p.add_argument("--threads", default="1,4", help="client threads / streams, comma-separated")
     p.add_argument("--dur", type=float, default=3.0, help="seconds per measurement window")
@@ -950,31 +506,17 @@ def main():
     p.add_argument("--tf-rows", type=int, default=1_000_000)
     p.add_argument("--out", default=None, help="JSON output path (default bench/results/e2e_<time>.json)")
     a = p.parse_args()
-    a.threads = [int(x) for x in a.threads.split(",")]
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S")
-    os.makedirs(RESULTS, exist_ok=True)
+    a.threads = int_list(a.threads)
+    stamp = utc_stamp()
     texts = []
     if not a.facts_only:
         res = run_e2e(a)
-        out = a.out or os.path.join(RESULTS, f"e2e_{stamp}.json")
-        with open(out, "w") as f:
-            json.dump(res, f, indent=1, default=str)
-        texts.append(report_e2e(res))
-        texts.append(f"(raw: {os.path.relpath(out, REPO)})")
+        texts += [report_e2e(res), save_json(res, a.out or result_path("e2e", stamp))]
     if a.facts or a.facts_only:
-        facts = {"machine": machine_info()}
-        facts["grpc"] = facts_grpc(a.facts_msg_bytes, a.dur, a.warmup, a.rounds, max(a.threads))
-        facts["client"] = facts_client(a.facts_client_n, a.rounds)
-        facts["tf"] = tf_facts(a.tf_python, max(3, a.rounds * 2), a.tf_rows, a.dim, a.batch)
-        out = os.path.join(RESULTS, f"facts_{stamp}.json")
-        with open(out, "w") as f:
-            json.dump(facts, f, indent=1, default=str)
-        texts.append(report_facts(facts))
-        texts.append(f"(raw: {os.path.relpath(out, REPO)})")
-    text = "\n\n".join(texts)
-    print(text)
-    with open(os.path.join(RESULTS, f"{'facts' if a.facts_only else 'e2e'}_{stamp}.md"), "w") as f:
-        f.write(text + "\n")
+        import e2e_facts   # here, not at the top: it imports this module's echo clients
+        facts = e2e_facts.run_facts(a)
+        texts += [e2e_facts.report_facts(facts), save_json(facts, result_path("facts", stamp))]
+    save_text("\n\n".join(texts), result_path("facts" if a.facts_only else "e2e", stamp, "md"))
 
 
 if __name__ == "__main__":

@@ -27,6 +27,9 @@ import sparseps
 from sparseps import demo
 from sparseps.local import LocalServer
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import proc_cpu  # noqa: E402
+
 
 def _args(ns, max_in_flight, prefetch):
     a = argparse.Namespace(**vars(ns))
@@ -36,15 +39,10 @@ def _args(ns, max_in_flight, prefetch):
 
 def _server_cpu(pids):
     """CPU seconds used so far by the local server processes (Linux /proc), or None."""
-    total = 0.0
     try:
-        for pid in pids:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return sum(proc_cpu(pid) for pid in pids)
     except (OSError, ValueError, IndexError):
         return None
-    return total
 
 
 def _time_loop(trainer, batches, server_pids):

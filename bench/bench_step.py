@@ -11,13 +11,14 @@ of the process (all threads), and the ratio CPU / wall.
     .venv/bin/python bench/bench_step.py --rows 20000 --steps 50 --rounds 1   # smoke
 """
 import argparse
-import json
 import os
-import subprocess
 import sys
 import time
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import run_json  # noqa: E402
 
 CHILD = r'''
 import json, os, sys, time
@@ -80,12 +81,8 @@ def main():
     for r in range(a.rounds):
         for t in threads:
             env = dict(os.environ, NUMBA_NUM_THREADS=str(t), OMP_WAIT_POLICY="PASSIVE")
-            out = subprocess.run([sys.executable, "-c", CHILD, str(a.rows), str(a.steps)], env=env,
-                                 capture_output=True, text=True, timeout=600)
-            line = [x for x in out.stdout.splitlines() if x.startswith("JSON")]
-            if not line:
-                raise RuntimeError(out.stderr[-3000:])
-            res[t].append(json.loads(line[0][4:]))
+            res[t].append(run_json([sys.executable, "-c", CHILD, str(a.rows), str(a.steps)], "bench_step child",
+                                   timeout=600, env=env))
             print(f"round {r + 1}, NUMBA_NUM_THREADS={t}: {res[t][-1]}", file=sys.stderr, flush=True)
     print(f"# bench_step — {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())} UTC, load "
           f"{open('/proc/loadavg').read().split()[0]}, `{' '.join(sys.argv)}`\n")

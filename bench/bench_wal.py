@@ -9,8 +9,10 @@ seconds; pushes/s and the ratio to the no-log server are printed as a Markdown t
 settings run back to back in one process, interleaved over --rounds, so ratios share conditions.
 """
 import argparse
+import os
 import shutil
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -19,6 +21,9 @@ import numpy as np
 
 import sparseps
 from sparseps.local import LocalServer
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import add_table_args  # noqa: E402
 
 SETTINGS = [("no log (no --data-dir)", []), ("--wal-sync none", ["none"]), ("--wal-sync group (default)", ["group"]),
             ("--wal-sync fsync", ["fsync"])]
@@ -63,9 +68,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=8)
     ap.add_argument("--threads", type=int, default=4)
-    ap.add_argument("--batch", type=int, default=4096)
-    ap.add_argument("--rows", type=int, default=100_000)
-    ap.add_argument("--dim", type=int, default=64)
+    add_table_args(ap, rows=100_000)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--transports", default="data,grpc",
                     help="client transports, comma-separated: data (the data plane: pushes logged as received, "

@@ -16,21 +16,16 @@ computed per round. Goal: sparseps >= 3x the peer.
     .venv/bin/python bench/compare_peer.py --rows 20000 --dur 1 --rounds 1 --workers 1 --peer-steps 20   # smoke
 """
 import argparse
-import datetime
-import json
 import os
-import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import numpy as np  # noqa: E402
 
-from bench_cluster import run_workers  # noqa: E402
-from bench_e2e import (REPO, RESULTS, fmt_mr, loadavg, machine_info, proc_mem, setup_table,  # noqa: E402
-                       start_sparseps, busiest_other)
-
-HERE = os.path.dirname(os.path.abspath(__file__))
+from harness import (HERE, REPO, add_table_args, add_worker_args, busiest_other, fmt_mr,  # noqa: E402
+                     int_list, loadavg, machine_info, proc_mem, record, run_json, run_workers, setup_table,
+                     start_sparseps)
 
 
 def run_peer(a, n: int) -> dict:
@@ -38,11 +33,7 @@ def run_peer(a, n: int) -> dict:
            "--dim", str(a.dim), "--bags", str(a.batch // a.bag), "--bag", str(a.bag), "--dist", a.dist,
            "--steps", str(a.peer_steps), "--reps", str(a.peer_reps), "--warmup", str(a.peer_warmup)]
     t = time.perf_counter()
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    line = [x for x in r.stdout.splitlines() if x.startswith("JSON")]
-    if not line:
-        raise RuntimeError(f"peer failed (rc {r.returncode}): {r.stderr[-3000:]}")
-    out = json.loads(line[0][4:])
+    out = run_json(cmd, "peer")
     out["wall_s"] = time.perf_counter() - t
     out["rows_s"] = float(np.median([x["rows_s"] for x in out["reps"]]))
     out["steps_s"] = float(np.median([x["steps_s"] for x in out["reps"]]))
@@ -52,16 +43,9 @@ def run_peer(a, n: int) -> dict:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rows", type=int, default=1_000_000)
-    p.add_argument("--dim", type=int, default=64)
-    p.add_argument("--batch", type=int, default=4096)
-    p.add_argument("--bag", type=int, default=8)
-    p.add_argument("--dist", default="uniform", choices=["uniform", "zipf"])
+    add_table_args(p)
     p.add_argument("--workers", default="1,2")
-    p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--dur", type=float, default=4.0, help="sparseps window, seconds")
-    p.add_argument("--warmup-steps", type=int, default=5)
-    p.add_argument("--start-margin", type=float, default=2.0)
+    add_worker_args(p, dur=4.0, dur_help="sparseps window, seconds")
     p.add_argument("--variants", default="grpc,grpc+pushpull,default,pushpull",
                    help="sparseps variants, comma-separated, each a '+'-joined set of: default (client and "
                         "server as shipped: pull then push, over the data plane), pushpull (the workers use "
@@ -75,11 +59,10 @@ def main():
     p.add_argument("--peer-steps", type=int, default=200)
     p.add_argument("--peer-reps", type=int, default=3)
     p.add_argument("--peer-warmup", type=int, default=20)
-    p.add_argument("--out", default=None)
     a = p.parse_args()
     a.model = "embbag"
     import sparseps
-    workers = [int(x) for x in a.workers.split(",")]
+    workers = int_list(a.workers)
     variants = a.variants.split(",")
     res = {"machine": machine_info(), "params": vars(a), "rounds": []}
     # a variant is a '+'-joined set of words; nt1 = the server started with NUMBA_NUM_THREADS=1
@@ -123,21 +106,13 @@ def main():
         for x in servers:
             x.stop()
     res["loadavg_end"] = loadavg()
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S")
-    os.makedirs(RESULTS, exist_ok=True)
-    out = a.out or os.path.join(RESULTS, f"peer_{stamp}.json")
-    with open(out, "w") as f:
-        json.dump(res, f, indent=1, default=str)
-    text = report(res) + f"\n\n(raw: {os.path.relpath(out, REPO)})"
-    print(text)
-    with open(os.path.join(RESULTS, f"peer_{stamp}.md"), "w") as f:
-        f.write(text + "\n")
+    record("peer", res, report, a.out)
 
 
 def report(res) -> str:
     a = res["params"]
     R = res["rounds"]
-    workers = [int(x) for x in a["workers"].split(",")]
+    workers = int_list(a["workers"])
     p0 = R[0][f"peer_w{workers[0]}"]
     lines = [f"# compare_peer — {res['machine']['date_utc']} UTC, `{res['machine']['command']}`", "",
              f"embedding-bag model, {a['batch']} {a['dist']} ids per step ({a['batch'] // a['bag']} bags x {a['bag']}), "

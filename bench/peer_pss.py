@@ -22,7 +22,6 @@ The last stdout line is `JSON{...}` for compare_peer.py.
 import argparse
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -35,26 +34,8 @@ import numpy as np  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-# the same id generators as bench_e2e.py (copied: this runs in another venv, without sparseps)
-class ZipfIds:
-    def __init__(self, n: int, s: float = 1.05, seed: int = 1234):
-        rng = np.random.default_rng(seed)
-        w = np.arange(1, n + 1, dtype=np.float64) ** -s
-        self.cdf = np.cumsum(w)
-        self.cdf /= self.cdf[-1]
-        self.perm = rng.permutation(n).astype(np.int64)
-
-    def sample(self, rng, size: int) -> np.ndarray:
-        ranks = np.searchsorted(self.cdf, rng.random(size), side="right")
-        return self.perm[np.minimum(ranks, len(self.perm) - 1)]
-
-
-def id_pool(dist, n_rows, batch, pools=16, seed=7):
-    rng = np.random.default_rng(seed)
-    if dist == "uniform":
-        return [rng.integers(0, n_rows, batch, dtype=np.int64) for _ in range(pools)]
-    z = ZipfIds(n_rows)
-    return [z.sample(rng, batch) for _ in range(pools)]
+sys.path.insert(0, HERE)
+from harness import id_pool, proc_mem, stop_processes  # noqa: E402  (stdlib + numpy only)
 
 
 def free_port() -> int:
@@ -77,13 +58,9 @@ def run_task(job: str, index: int, cluster: dict, n_workers: int):
 
 def rss_peak(pid) -> int:
     try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM"):
-                    return int(line.split()[1]) * 1024
+        return proc_mem(pid).get("VmHWM", 0)
     except OSError:
-        pass
-    return 0
+        return 0
 
 
 def main():
@@ -181,15 +158,7 @@ def main():
                "step_outputs": grad_type}
         print("JSON" + json.dumps(out), flush=True)
     finally:
-        for name, pr in procs.items():
-            if pr.poll() is None:
-                os.kill(pr.pid, signal.SIGTERM)
-        for pr in procs.values():
-            try:
-                pr.wait(10)
-            except subprocess.TimeoutExpired:
-                os.kill(pr.pid, signal.SIGKILL)
-                pr.wait()
+        stop_processes(list(procs.values()))
         devnull.close()
 
 

@@ -18,7 +18,6 @@ Two measurements, for the question "what limits steps/s with 2 workers on 2 core
 import argparse
 import collections
 import datetime
-import json
 import os
 import shutil
 import subprocess
@@ -29,7 +28,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import numpy as np  # noqa: E402
 
-from bench_e2e import REPO, RESULTS, loadavg, proc_cpu, setup_table, start_sparseps  # noqa: E402
+from harness import (loadavg, proc_cpu, result_path, run_json, run_workers, save_json, setup_table,  # noqa: E402
+                     start_sparseps, utc_stamp)
 
 FLOOR = r'''
 import json, sys, time
@@ -76,12 +76,9 @@ print("JSON" + json.dumps(out))
 
 
 def floor(a) -> dict:
-    r = subprocess.run([sys.executable, "-c", FLOOR, str(a.rows), str(a.reps)], capture_output=True, text=True,
-                       timeout=600, env=dict(os.environ, NUMBA_NUM_THREADS="1"))
-    line = [x for x in r.stdout.splitlines() if x.startswith("JSON")]
-    if not line:
-        raise RuntimeError(r.stderr[-3000:])
-    return {k: float(np.median(v)) for k, v in json.loads(line[0][4:]).items()}
+    r = run_json([sys.executable, "-c", FLOOR, str(a.rows), str(a.reps)], "floor", timeout=600,
+                 env=dict(os.environ, NUMBA_NUM_THREADS="1"))
+    return {k: float(np.median(v)) for k, v in r.items()}
 
 
 def _cpu_times():
@@ -104,7 +101,6 @@ def _perf_report(data: str, sort: str) -> list:
 
 
 def perf_run(a) -> dict:
-    from bench_cluster import run_workers
     import sparseps
     srv = start_sparseps(1, "numba")[0]
     tmp = tempfile.mkdtemp(prefix="sparseps-perf-")
@@ -187,12 +183,7 @@ def main():
             for pct, sym in q["server_top_symbols"]:
                 print(f"   {pct:6.2f}%  {sym}")
     res["loadavg_end"] = loadavg()
-    os.makedirs(RESULTS, exist_ok=True)
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S")
-    out = os.path.join(RESULTS, f"profile_{stamp}.json")
-    with open(out, "w") as f:
-        json.dump(res, f, indent=1, default=str)
-    print(f"(raw: {os.path.relpath(out, REPO)})")
+    print(save_json(res, result_path("profile", utc_stamp())))
 
 
 if __name__ == "__main__":
