@@ -50,8 +50,10 @@ def probe_sync(client, timeout=5.0) -> str:
     t = threading.Thread(target=push, daemon=True)
     t.start()
     t.join(timeout)
-    if t.is_alive():   # blocks until the other replica arrives: sync works; release it
-        client.push({"probe_sync_v": (np.array([2]), np.ones((1, 4), np.float32))}, step=0)
+    if t.is_alive():   # blocks until the other replica arrives: sync works; release it from a second
+        other = sparseps.connect(client.addresses)   # client (a repeat through the same one is the same replica)
+        other.push({"probe_sync_v": (np.array([2]), np.ones((1, 4), np.float32))}, step=0)
+        other.close()
         t.join(timeout)
         return "available"
     if "err" in result:
