@@ -6,8 +6,9 @@ Every worker runs a training-shaped loop on the shared 1,000,000 x 64 LazyAdam t
           rows = pull(unique(ids))            -> pull latency
           push({"emb": (ids, grad rows)})     -> push latency (duplicates summed by the server)
 
-(`--model embbag` adds the embedding-bag model's forward/backward in numpy between the pull and
-the push: that is the worker compare_peer.py runs against TensorFlow ParameterServerStrategy.)
+(The workers are harness.py's `run_workers`; its `model="embbag"` adds the embedding-bag model's
+forward/backward in numpy between the pull and the push: that is the worker compare_peer.py runs
+against TensorFlow ParameterServerStrategy.)
 
 All workers start on the same wall-clock instant and run for `--dur` seconds; steps are counted
 when they complete inside the window. Configurations are interleaved round by round: both

@@ -4,9 +4,10 @@ Both sides train the embedding-bag model of perf_anchors.md section 4 (ids [512 
 per step into a 1,000,000 x 64 table, mean over the bag, Dense(1), sigmoid cross-entropy) with
 LazyAdam, with one server (1 sparseps shard / 1 PS task) and the same number of worker processes:
 
-* sparseps (this venv): bench_cluster.py workers with `--model embbag`: per step pull the unique
-  rows and the dense head, forward/backward in numpy, push (ids, per-id gradient rows) plus the
-  head's dense gradient as one step (the server sums duplicate ids, as LazyAdam does).
+* sparseps (this venv): bench_cluster.py's worker processes (harness.run_workers) with the
+  embedding-bag model: per step pull the unique rows and the dense head, forward/backward in
+  numpy, push (ids, per-id gradient rows) plus the head's dense gradient as one step (the server
+  sums duplicate ids, as LazyAdam does).
 * peer: bench/peer_pss.py run with /work/main/.venv-golden/bin/python (TF 2.15.1 + tfa 0.23 LazyAdam).
 
 Per round and worker count, sparseps then the peer, back to back; the ratio of unique rows/s is
