@@ -183,7 +183,7 @@ def report(res) -> str:
         lines += ["", "Ratios per round (median [min–max]): 2 shards / 1 shard, same workers: "
                   + "; ".join(f"{n} w: " + fmt_mr([r[f"s{shards[1]}_w{n}"]["rows_s"] / r[f"s{shards[0]}_w{n}"]["rows_s"]
                                                    for r in R]) for n in workers)]
-    lines += ["", f"Workers n / 1 worker, same shards: " + "; ".join(
+    lines += ["", "Workers n / 1 worker, same shards: " + "; ".join(
         f"{s} shard(s), {n} w: " + fmt_mr([r[f"s{s}_w{n}"]["rows_s"] / r[f"s{s}_w{workers[0]}"]["rows_s"] for r in R])
         for s in shards for n in workers[1:])]
     sy = res.get("sync", {})
