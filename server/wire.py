@@ -78,8 +78,8 @@ def variable_spec(request: "pb.CreateVariableRequest") -> dict:
 
 def weight_writes(request: "pb.SetWeightsRequest") -> list:
     """[(variable, slot, ids or None, values)] of a SetWeights."""
-    return [(w.variable, w.slot, optional_tensor(w, "ids", "set_weights ids"), from_tensor(w.values, "set_weights values"))
-            for w in request.writes]
+    return [(w.variable, w.slot, optional_tensor(w, "ids", "set_weights ids"),
+             from_tensor(w.values, "set_weights values")) for w in request.writes]
 
 
 # ---------------------------------------------------------------------- answers out
