@@ -1,11 +1,11 @@
 """The data-plane transport: Pull, Push and PushPull as frames on a plain TCP (or TLS) socket.
 
 Same requests, same checks, same state changes and same status codes as the gRPC methods
-(service.py does the work, wire.py the conversions); only the bytes move differently: a request's rows are received
-straight into one numpy buffer and an answer's rows go to the kernel without being copied into
-a protobuf (client/frames.py has the format). One thread per connection; a client keeps a few
-connections per shard. Tokens (a HELLO frame first), roles, TLS and the memory budget apply as
-on the gRPC port.
+(service.py does the work, wire.py the conversions); only the bytes move differently: a request's
+rows are received straight into one numpy buffer and an answer's rows go to the kernel without
+being copied into a protobuf (client/frames.py has the format). One thread per connection; a
+client keeps a few connections per shard. Tokens (a HELLO frame first), roles, TLS and the memory
+budget apply as on the gRPC port.
 """
 import logging
 import os
