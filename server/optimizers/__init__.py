@@ -23,4 +23,5 @@ register(RectifiedAdam)
 register(Lookahead)
 register(LazyAdamV1)
 
-__all__ = ["Optimizer", "from_config", "register", "resolve", "supported"]
+__all__ = ["Adam", "Keras3Adam", "Keras3SGD", "KerasAdam", "KerasSGD", "LazyAdam", "LazyAdamV1", "Lookahead", "Optimizer",
+           "RectifiedAdam", "SGD", "from_config", "register", "resolve", "supported"]
