@@ -1,5 +1,7 @@
 """Keras legacy Adam (optimizer_v2, `tf.keras.optimizers.legacy.Adam`), Kingma & Ba 2014.
 
+Reference: keras-team/keras v2.15.0, keras/src/optimizers/legacy/adam.py.
+
     lr_t = lr * sqrt(1 - b2^t) / (1 - b1^t),   t = iterations + 1
     m = b1 m + (1 - b1) g;   v = b2 v + (1 - b2) g^2;   var -= lr_t m / (sqrt(v) + eps)
     amsgrad: vhat = max(vhat, v) replaces v in the denominator.
@@ -10,22 +12,14 @@ dense-equivalent: m and v decay on every row and every row with non-zero m moves
 """
 import numpy as np
 
-from .base import Optimizer, as_bool, as_float, exact, hyper, power
+from .base import Optimizer, exact, hyper, power
+from .config_values import as_bool, as_float
 
 
 class Adam(Optimizer):
     class_names = ("Adam",)
     defaults = {"learning_rate": 0.001, "decay": 0.0, "beta_1": 0.9, "beta_2": 0.999,
                 "epsilon": 1e-7, "amsgrad": False}
-
-    @classmethod
-    def flavour(cls, config: dict) -> type:
-        """`Adam` names three Keras classes; the config's keys tell them apart (keras_new.flavour)."""
-        if cls is not Adam:
-            return cls
-        from . import keras_adam, keras_new
-        return {"legacy": Adam, "keras2": keras_adam.KerasAdam, "keras3": keras_adam.Keras3Adam}[
-            keras_new.flavour(config)]
 
     def parse(self):
         self.parse_learning_rate()
