@@ -11,6 +11,7 @@ import math
 import numpy as np
 
 from sparseps.errors import InvalidArgument
+from sparseps.partition import splitmix64
 
 BLOCK = 4096
 
@@ -138,15 +139,6 @@ def make(initializer_json: str, shape, dtype, global_ids: np.ndarray, name: str)
 # count to take a fan from).
 # ---------------------------------------------------------------------------------------------
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-
-
-def splitmix64(x: np.ndarray) -> np.ndarray:
-    """splitmix64's output function over a uint64 array (wrapping arithmetic)."""
-    with np.errstate(over="ignore"):
-        z = np.asarray(x, np.uint64) + _GOLDEN
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return z ^ (z >> np.uint64(31))
 
 
 def _uniform(base: np.ndarray, counters: np.ndarray) -> np.ndarray:

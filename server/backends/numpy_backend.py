@@ -37,6 +37,17 @@ class NumpyBackend:
     def nbytes(self, arr):
         return arr.nbytes
 
+    def grow(self, arr, rows: int, used: int):
+        """A new array of `rows` rows whose first `used` rows are arr's (dynamic tables). The rest
+        are zero pages (calloc), which take no memory until a row is written."""
+        new = np.zeros((rows,) + arr.shape[1:], arr.dtype)
+        new[:used] = arr[:used]
+        return new
+
+    def move_rows(self, arr, src, dst):
+        """arr[dst] = arr[src] for disjoint row index arrays (compacting a dynamic table)."""
+        arr[dst] = arr[src]
+
     def kernel(self, name):
         return None
 
