@@ -291,6 +291,24 @@ class _ShardCollector:
                                  labels=["shard", "num_shards", "backend", "device", "version"])
         info.add_metric([sl, str(shard.num_shards), shard.bk.name, str(shard.bk.device), VERSION], 1)
         out = [its, rows, nbytes, count, info]
+        live = GaugeMetricFamily("sparseps_table_live_rows", "Live rows of each dynamic variable on this shard",
+                                 labels=["shard", "variable"])
+        events = CounterMetricFamily(
+            "sparseps_table_rows", "Rows of dynamic variables by event: created, admitted (created by a push that "
+            "passed admission), evicted, refused_admission (keys of a push not admitted yet: their gradient "
+            "dropped), refused_capacity (keys a full table refused)", labels=["shard", "variable", "event"])
+        per_table: dict[str, dict] = {}
+        for var in list(shard.variables.values()):
+            if var.table is not None:
+                acc = per_table.setdefault(m.variable_label(var.name), {"live_rows": 0})
+                acc["live_rows"] += var.table.live
+                for k, v in var.table.stats.items():
+                    acc[k] = acc.get(k, 0) + v
+        for label, acc in per_table.items():
+            live.add_metric([sl, label], acc.pop("live_rows"))
+            for event, value in acc.items():
+                events.add_metric([sl, label, event], value)
+        out += [live, events]
         b = m.budget
         if b is not None:
             limit = GaugeMetricFamily("sparseps_memory_budget_bytes", "The memory budget (--memory-budget-mb)",

@@ -30,6 +30,9 @@ MAX_CLIENTS = 20_000   # remembered clients (least recently used forgotten first
 
 # Log record kinds: the first byte of each write-ahead-log payload.
 PUSH, CREATE_OPTIMIZER, CREATE_VARIABLE, SET_WEIGHTS = b"P", b"O", b"V", b"W"
+# An eviction of a dynamic variable's rows: [u32 name length][name utf-8][int64 keys], the keys it
+# removed (an age policy depends on the clock, so replay removes the logged keys, not "the old ones").
+EVICT = b"E"
 # A data-plane push: [u32 length of the PushRequest][the PushRequest, tensors without bytes][the
 # tensors' bytes in frames.tensors() order], logged from the received buffer without re-encoding.
 FRAME_PUSH = b"F"
@@ -209,6 +212,21 @@ class PushPipeline:
             self.wal.wait_durable(lsn)
         return result
 
+    def evict(self, variable: str | None = None) -> dict:
+        """Run the age eviction of dynamic variables now; each removal is logged with its keys.
+        Returns {variable: rows removed}."""
+        lsn = 0
+        with self.shard.lock:
+            removed = self.shard.aged(variable)
+            for name, keys in removed.items():   # logged before the rows go
+                if self.wal is not None:
+                    raw = name.encode()
+                    lsn = self.wal.append(EVICT + _U32.pack(len(raw)) + raw + np.ascontiguousarray(keys, "<i8").tobytes())
+                self.shard.evict_keys(name, keys)
+        if lsn:
+            self.wal.wait_durable(lsn)
+        return {name: len(keys) for name, keys in removed.items()}
+
     # ------------------------------------------------------------------ recovery
     def replay(self, after_lsn: int) -> int:
         """Re-apply every logged push after the checkpoint; returns how many."""
@@ -221,6 +239,10 @@ class PushPipeline:
             elif kind == PUSH:
                 request = pb.PushRequest.FromString(payload)
                 grads = wire.gradients_of(request)
+            elif kind == EVICT:
+                n = _U32.unpack_from(payload, 0)[0]
+                self.shard.evict_keys(payload[4:4 + n].decode(), np.frombuffer(payload, np.int64, offset=4 + n))
+                continue
             else:
                 cls, fn = KINDS[kind]
                 fn(self.shard, cls.FromString(payload))

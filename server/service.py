@@ -103,7 +103,8 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
         s = self.shard
         return pb.ServerInfo(version=_version(), backend=s.bk.name, device=s.bk.device, shard_index=s.index,
                              num_shards=s.num_shards, cluster=self.cluster, instance_id=s.instance_id, data_port=self.data_port,
-                             data_tls=self.data_tls)
+                             data_tls=self.data_tls,
+                             live_rows={n: v.table.live for n, v in list(s.variables.items()) if v.table is not None})
 
     @_handler
     def CreateOptimizer(self, request, context):
@@ -129,8 +130,8 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
     def ListVariables(self, request, context):
         return pb.ListVariablesResponse(variables=[self._variable_info(v) for v in list(self.shard.variables.values())])
 
-    def _pull(self, name, ids, slot, row_start, row_stop, what):
-        return self._answer(name, ids, self.shard.pull(name, ids, slot, row_start, row_stop), what)
+    def _pull(self, name, ids, slot, row_start, row_stop, what, since_step=0):
+        return self._answer(name, ids, self.shard.pull(name, ids, slot, row_start, row_stop, since_step), what)
 
     def _answer(self, name, ids, read, what):
         """A read's (values, global ids of a range pull or None, iterations), checked and counted."""
@@ -192,7 +193,8 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
                                                               len(ids) if ids is not None else None,
                                                               request.row_start, request.row_stop))
         with held:
-            return self._pull(request.variable, ids, request.slot, request.row_start, request.row_stop, "pull")
+            return self._pull(request.variable, ids, request.slot, request.row_start, request.row_stop, "pull",
+                              request.since_step)
 
     def _reached(self, variable, min_iterations) -> bool:
         var = self.shard.variable(variable)
@@ -309,6 +311,10 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
             raise errors.FailedPrecondition("this server has no --data-dir, so it cannot write checkpoints")
         path, nbytes, its = self.pushes.checkpoints.save(request.path or None)
         return pb.CheckpointResponse(path=path, bytes=nbytes, iterations=wire.iterations_to_wire(its))
+
+    @_handler
+    def Evict(self, request, context):
+        return pb.EvictResponse(evicted=self.pushes.evict(request.variable or None))
 
     def _sync(self):
         if self.pushes.sync is None:

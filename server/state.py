@@ -584,8 +584,8 @@ class Shard:
                 self.bk.move_rows(arr, movers, holes)
         table.remove(pos, holes, movers)
 
-    def evict(self, name: str | None = None, now: float | None = None) -> dict:
-        """Apply the age policies now: {variable: keys evicted} (caller logs them)."""
+    def aged(self, name: str | None = None, now: float | None = None) -> dict:
+        """{variable: keys its age policy evicts now} (the caller logs, then evict_keys)."""
         now = time.time() if now is None else now
         out = {}
         with self.lock:
@@ -597,9 +597,7 @@ class Shard:
                 if not var.table.policy.ages:
                     continue
                 its = self.optimizers[var.optimizer].iterations if var.optimizer else 0
-                pos = var.table.aged(its, now)
-                keys = var.table.keys[pos].copy()
-                self._remove_rows(var, pos)
+                keys = var.table.keys[var.table.aged(its, now)]
                 if len(keys):
                     out[n] = keys
         return out

@@ -13,7 +13,7 @@ from sparseps import errors
 from sparseps.proto import sparseps_pb2 as pb
 from sparseps.tensors import DTYPE_NAMES, from_tensor, to_tensor
 
-PARTITION_TO_WIRE = {"mod": pb.MOD, "div": pb.DIV, "whole": pb.WHOLE}
+PARTITION_TO_WIRE = {"mod": pb.MOD, "div": pb.DIV, "whole": pb.WHOLE, "hash": pb.HASH}
 PARTITION_FROM_WIRE = {v: k for k, v in PARTITION_TO_WIRE.items()}
 MODE_NAMES = {pb.CONSISTENCY_UNSPECIFIED: "async", pb.ASYNC: "async", pb.SYNC: "sync", pb.BOUNDED: "bounded"}
 MODE_TO_WIRE = {"async": pb.ASYNC, "sync": pb.SYNC, "bounded": pb.BOUNDED}
@@ -66,14 +66,19 @@ def variable_spec(request: "pb.CreateVariableRequest") -> dict:
     (float32 or float64) and the initial value, checked in that order."""
     if request.partition not in PARTITION_FROM_WIRE and request.partition != pb.PARTITION_UNSPECIFIED:
         raise errors.InvalidArgument(f"variable {request.name!r}: unknown partition {request.partition} "
-                                     "(MOD, DIV or WHOLE)")
+                                     "(MOD, DIV, WHOLE or HASH)")
     if DTYPE_NAMES.get(request.dtype) not in ("float32", "float64"):
         raise errors.InvalidArgument(f"variable {request.name!r}: dtype must be FLOAT32 or FLOAT64")
+    if request.dynamic and request.key_dtype not in (pb.DTYPE_UNSPECIFIED, pb.INT64):
+        raise errors.InvalidArgument(f"dynamic variable {request.name!r}: keys are int64, got key dtype "
+                                     f"{DTYPE_NAMES.get(request.key_dtype, request.key_dtype)}")
+    default = "hash" if request.dynamic else "mod" if len(request.shape) > 1 else "whole"
     return dict(
         name=request.name, shape=request.shape, dtype=DTYPE_NAMES[request.dtype], optimizer=request.optimizer,
-        partition=PARTITION_FROM_WIRE.get(request.partition, "mod" if len(request.shape) > 1 else "whole"),
+        partition=PARTITION_FROM_WIRE.get(request.partition, default),
         owner=request.owner_shard, initializer_json=request.initializer_json,
-        initial_value=optional_tensor(request, "initial_value", f"initial value of {request.name!r}"))
+        initial_value=optional_tensor(request, "initial_value", f"initial value of {request.name!r}"),
+        dynamic=request.dynamic, table_json=request.table_json)
 
 
 def weight_writes(request: "pb.SetWeightsRequest") -> list:
@@ -104,7 +109,10 @@ def variable_info(var, bytes_held: int) -> "pb.VariableInfo":
     return pb.VariableInfo(
         name=var.name, shape=var.shape, dtype=to_tensor(np.zeros(0, var.dtype)).dtype, optimizer=var.optimizer,
         partition=PARTITION_TO_WIRE[var.layout.strategy], owner_shard=var.layout.owner,
-        local_rows=var.local_rows, bytes_held=bytes_held, initializer_json=var.initializer_json)
+        local_rows=var.local_rows, bytes_held=bytes_held, initializer_json=var.initializer_json,
+        dynamic=var.table is not None, table_json=var.table_json,
+        table_stats=var.table.describe() if var.table is not None else {},
+        table_version=var.table.version if var.table is not None else 0)
 
 
 def iterations_to_wire(iterations: dict) -> list:
