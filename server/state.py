@@ -602,6 +602,22 @@ class Shard:
                     out[n] = keys
         return out
 
+    def load_rows(self, var: Variable, keys, values, slots: dict, steps, when, sketch=None, stats=None):
+        """A restored dynamic variable's rows (keys distinct, all this shard's) with their slots."""
+        table = var.table
+        with self.lock:
+            for name in slots:   # (the optimizer's slot order comes with the checkpoint)
+                var.slots.setdefault(name, self.bk.zeros_like(var.value))
+            self._make_room(var, len(keys), "restore")
+            pos = table.add(keys, 0)
+            table.step[pos], table.when[pos] = steps, when
+            self.bk.scatter_update(var.value, pos, np.ascontiguousarray(values))
+            for name, arr in slots.items():
+                self.bk.scatter_update(var.slots[name], pos, np.ascontiguousarray(arr))
+            if sketch is not None and table.sketch is not None and sketch.shape == table.sketch.shape:
+                table.sketch[...] = sketch
+            table.stats = dict(stats) if stats else {**{k: 0 for k in table.stats}, "created": len(keys)}
+
     def evict_keys(self, name: str, keys) -> int:
         """Remove the rows of these keys (a logged eviction, replayed); returns how many existed."""
         with self.lock:
