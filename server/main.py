@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
 def open_pipeline(shard, args):
     """The push pipeline; with --data-dir: restore the latest checkpoint, replay the log after it."""
     from . import checkpoint, sync
-    from .pushes import PeriodicCheckpoints, PushPipeline
+    from .pushes import PeriodicCheckpoints, PeriodicEviction, PushPipeline
     from .wal import WriteAheadLog
 
     if not args.data_dir:
@@ -90,6 +90,7 @@ def open_pipeline(shard, args):
         pipeline = PushPipeline(shard)
         sync.attach(pipeline, args)   # sync / bounded consistency (server/sync.py)
         pipeline.periodic = None
+        pipeline.evictor = PeriodicEviction(pipeline)
         return pipeline
     os.makedirs(args.data_dir, exist_ok=True)
     wal = WriteAheadLog(os.path.join(args.data_dir, "wal"), args.wal_sync, args.wal_group_ms)
@@ -121,6 +122,7 @@ def open_pipeline(shard, args):
         log.info("replayed %d pushes from the write-ahead log", replayed)
     pipeline.sync.start()   # the coordinator finishes any sync step it decided before a restart
     pipeline.periodic = PeriodicCheckpoints(pipeline, args.checkpoint_every_steps, args.checkpoint_every_seconds)
+    pipeline.evictor = PeriodicEviction(pipeline)
     return pipeline
 
 
@@ -290,6 +292,7 @@ def main(argv=None):
     pipeline = server.pipeline
     if pipeline.periodic is not None:
         pipeline.periodic.stop()
+    pipeline.evictor.stop()
     if pipeline.checkpoints is not None:
         try:
             path, nbytes, _ = pipeline.checkpoints.save()

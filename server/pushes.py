@@ -286,6 +286,37 @@ class PushPipeline:
                     f"still short of {min_iterations} after {timeout} s")
 
 
+class PeriodicEviction:
+    """Runs each dynamic variable's age eviction every `interval_seconds` of its policy."""
+
+    def __init__(self, pipeline: PushPipeline, tick: float = 0.5):
+        self.pipeline, self.tick = pipeline, tick
+        self._stop = threading.Event()
+        self._last: dict[str, float] = {}
+        self._thread = threading.Thread(target=self._run, name="evictor", daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.wait(self.tick):
+            now = time.monotonic()
+            for name, var in list(self.pipeline.shard.variables.items()):
+                pol = var.table.policy if var.table is not None else None
+                if pol is None or not pol.ages:
+                    continue
+                last = self._last.setdefault(name, now)
+                if now - last < pol.interval_seconds:
+                    continue
+                self._last[name] = now
+                try:
+                    self.pipeline.evict(name)
+                except Exception:   # e.g. the log failing: try again next interval
+                    log.exception("scheduled eviction of %r failed; the shard keeps serving", name)
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join(10)
+
+
 class PeriodicCheckpoints:
     """Checkpoint every N pushes and/or every T seconds, in the background."""
 
