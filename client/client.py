@@ -45,6 +45,18 @@ def _of_shards(name: str, doc: str, settable: bool = False) -> property:
     return property(lambda self: getattr(self._shards, name), setter, doc=doc)
 
 
+def _initializer_json(initializer) -> str:
+    """A Keras initializer (name or serialize form) as JSON, with a seed every shard shares."""
+    if initializer is None:
+        return ""
+    init = {"class_name": initializer, "config": {}} if isinstance(initializer, str) else \
+        {"class_name": initializer["class_name"], "config": dict(initializer.get("config") or {})}
+    if init["class_name"] not in ("Zeros", "Ones", "Constant", "zeros", "ones") and \
+            init["config"].get("seed") is None:
+        init["config"]["seed"] = random.randrange(1 << 31)   # one seed for every shard
+    return json.dumps(init)
+
+
 class Client:
     """A connection to every shard of one cluster. Thread-safe; share one per process."""
 
@@ -133,17 +145,30 @@ class Client:
 
     # ------------------------------------------------------------------ variables
     def create_variable(self, name: str, initial_value=None, *, shape=None, dtype="float32", initializer=None,
-                        optimizer=None, partition: str | None = None) -> Variable:
+                        optimizer=None, partition: str | None = None, dim: int | None = None, dynamic: bool = False,
+                        key_dtype="int64", admission: dict | None = None, eviction: dict | None = None,
+                        capacity: int | None = None, on_full: str | None = None) -> Variable:
         """Create (or find, if identical) a variable, split by rows over the shards. partition:
         "mod" (row id % shards, the default for tables), "div" (contiguous blocks) or "whole" (one
-        shard, the default for 1-D variables).
+        shard, the default for 1-D variables). dynamic=True: rows of width `dim` keyed by any int64,
+        created on first touch, routed by a hash of the key; admission / eviction / capacity (per
+        shard) / on_full ("evict" or "refuse") set its policy (docs/dynamic.md).
 
             client.create_variable("emb", initial_value=np.zeros((1000, 64), np.float32), optimizer="opt")
             client.create_variable("emb", shape=(10**6, 64), initializer={"class_name": "RandomNormal",
                                    "config": {"stddev": 0.05, "seed": 1}}, optimizer="opt")
+            client.create_variable("ids", dim=64, dynamic=True, optimizer="opt", admission={"min_count": 3})
         """
         if isinstance(optimizer, Optimizer):
             optimizer = optimizer.name
+        if dynamic:
+            return self._create_dynamic(name, dim if dim is not None else (shape[-1] if shape else None), dtype,
+                                        initializer, optimizer, key_dtype, initial_value, partition,
+                                        {"admission": admission, "eviction": eviction, "capacity": capacity,
+                                         "on_full": on_full})
+        if dim is not None or any(x is not None for x in (admission, eviction, capacity, on_full)):
+            raise errors.InvalidArgument(f"variable {name!r}: dim, admission, eviction, capacity and on_full are "
+                                         "for dynamic variables (dynamic=True)")
         if initial_value is not None:
             initial_value = np.asarray(initial_value)
             if initial_value.dtype not in (np.float32, np.float64):
@@ -156,14 +181,7 @@ class Client:
         if partition not in PARTITIONS:
             raise ValueError(f"partition must be one of {sorted(PARTITIONS)}, got {partition!r}")
         owner = owner_shard(name, self.num_shards) if partition == "whole" else 0
-        init_json = ""
-        if initializer is not None:
-            init = {"class_name": initializer, "config": {}} if isinstance(initializer, str) else \
-                {"class_name": initializer["class_name"], "config": dict(initializer.get("config") or {})}
-            if init["class_name"] not in ("Zeros", "Ones", "Constant", "zeros", "ones") and \
-                    init["config"].get("seed") is None:
-                init["config"]["seed"] = random.randrange(1 << 31)   # one seed for every shard
-            init_json = json.dumps(init)
+        init_json = _initializer_json(initializer)
         layout = Layout(shape[0], self.num_shards, partition, owner)
         base = dict(name=name, shape=shape, dtype=wire_dtype(dtype), optimizer=optimizer or "",
                     partition=PARTITIONS[partition], owner_shard=owner)
@@ -181,6 +199,45 @@ class Client:
         if chunked:
             var.assign(initial_value)
         return var
+
+    def _create_dynamic(self, name, dim, dtype, initializer, optimizer, key_dtype, initial_value, partition, table):
+        if initial_value is not None:
+            raise errors.InvalidArgument(f"dynamic variable {name!r}: rows start from the initializer; write "
+                                         "chosen rows with assign(values, ids=keys)")
+        if partition not in (None, "hash"):
+            raise errors.InvalidArgument(f"dynamic variable {name!r}: keys are routed by hash, not {partition!r}")
+        if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim <= 0:
+            raise errors.InvalidArgument(f"dynamic variable {name!r}: dim must be a positive integer, got {dim!r}")
+        try:
+            key_dtype = np.dtype(key_dtype)
+        except TypeError:
+            key_dtype = None
+        if key_dtype != np.int64:
+            raise errors.InvalidArgument(f"dynamic variable {name!r}: keys are int64 (hash strings or other ids to "
+                                         f"int64 first: sparseps.keras.hash_strings), got key_dtype {key_dtype}")
+        table_json = json.dumps({k: v for k, v in table.items() if v is not None})
+        shape = (0, int(dim))
+        self._shards.all("CreateVariable", pb.CreateVariableRequest(
+            name=name, shape=shape, dtype=wire_dtype(dtype), optimizer=optimizer or "", partition=pb.HASH,
+            initializer_json=_initializer_json(initializer), dynamic=True, table_json=table_json,
+            key_dtype=pb.INT64))
+        self._placements.add(name, Placement(Layout(0, self.num_shards, "hash"), np.dtype(dtype), shape,
+                                             optimizer or ""))
+        return Variable(self, name)
+
+    def evict(self, variable: str | None = None) -> dict:
+        """Run the age eviction policies of dynamic variables now, on every shard (they also run
+        every eviction.interval_seconds); {variable: rows removed, all shards}.
+
+            client.create_variable("ids", dim=16, dynamic=True, optimizer="opt", eviction={"max_age_steps": 1000})
+            removed = client.evict()                       # {"ids": 1234}
+            removed = client.evict("ids")
+        """
+        out: dict[str, int] = {}
+        for resp in self._shards.all("Evict", pb.EvictRequest(variable=variable or "")).values():
+            for name, count in resp.evicted.items():
+                out[name] = out.get(name, 0) + count
+        return out
 
     def variable(self, name: str) -> Variable:
         """A handle to an existing variable (NotFound if there is none).
@@ -290,6 +347,9 @@ class Client:
         for name, slot, ids, values in writes:
             layout, dtype, shape, _ = self._placements.get(name)
             values = np.asarray(values)
+            if ids is None and layout.strategy == "hash":
+                raise errors.InvalidArgument(f"set_weights: {name!r} is a dynamic variable: give the keys of the "
+                                             "rows to write")
             if ids is None:
                 if values.shape != shape:
                     raise errors.InvalidArgument(f"set_weights: {name!r}{'/' + slot if slot else ''} needs shape "
@@ -298,7 +358,10 @@ class Client:
                     requests[k].writes.append(pb.WeightWrite(variable=name, slot=slot,
                                                              values=to_tensor(values[layout.global_ids(k)])))
             else:
-                ids = np.asarray(ids, dtype=np.int64)
+                ids = np.asarray(ids)
+                if ids.dtype.kind not in "iu":
+                    raise errors.InvalidArgument(f"set_weights: ids of {name!r} must be integers, got {ids.dtype}")
+                ids = ids.astype(np.int64, copy=False)
                 owner = route(layout, ids)
                 for k in np.unique(owner):
                     m = owner == k
@@ -335,7 +398,10 @@ class Client:
                 "device": info.device, "version": info.version,
                 "variables": [{"name": v.name, "shape": list(v.shape), "dtype": DTYPE_NAMES[v.dtype],
                                "optimizer": v.optimizer, "partition": PARTITION_NAMES.get(v.partition, "mod"),
-                               "local_rows": v.local_rows, "bytes": v.bytes_held} for v in vs.variables],
+                               "local_rows": v.local_rows, "bytes": v.bytes_held,
+                               **({"dynamic": True, "table": json.loads(v.table_json or "{}"),
+                                   "table_stats": dict(v.table_stats)} if v.dynamic else {})}
+                              for v in vs.variables],
                 "optimizers": [{"name": o.name, "class_name": o.class_name, "iterations": o.iterations}
                                for o in os_.optimizers]})
         return out

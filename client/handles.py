@@ -17,9 +17,34 @@ class Variable:
         self.client, self.name = client, name
         layout, dtype, shape, _ = client._placements.get(name)
         self.shape, self.dtype, self.partition = shape, dtype, layout.strategy
+        self.dynamic = layout.strategy == "hash"
 
     def __repr__(self):
+        if self.dynamic:
+            return f"<sparseps.Variable {self.name!r} dynamic dim={self.shape[1]} dtype={self.dtype.name}>"
         return f"<sparseps.Variable {self.name!r} shape={self.shape} dtype={self.dtype.name}>"
+
+    def size(self) -> int:
+        """Rows held: a dynamic variable's live rows over every shard, a fixed table's row count.
+
+            ids = client.create_variable("ids", dim=16, dynamic=True, optimizer="opt")
+            client.push({"ids": (np.array([-3, 2**40]), np.ones((2, 16), np.float32))})
+            ids.size()                                # 2
+        """
+        if not self.dynamic:
+            return self.shape[0]
+        infos = self.client._shards.all("DescribeVariable", pb.DescribeVariableRequest(name=self.name))
+        return sum(i.local_rows for i in infos.values())
+
+    def export(self, since_step: int = 0, slot: str = "") -> tuple:
+        """A dynamic variable's live rows as (keys, rows); since_step > 0: only rows updated after
+        that optimizer step (the incremental dump online serving takes).
+
+            keys, rows = emb.export()                 # every live row
+            keys, rows = emb.export(since_step=1000)  # changed after step 1000
+            keys, m = emb.export(slot="m")            # a slot's rows
+        """
+        return self.client._pulls.export(self.name, slot, since_step)
 
     def pull(self, ids=None) -> np.ndarray:
         """Rows by id (duplicates allowed); every row when ids is None.
@@ -37,6 +62,9 @@ class Variable:
             table = emb.numpy()                       # shape emb.shape
             np.save("emb.npy", table)
         """
+        if self.dynamic:
+            raise errors.InvalidArgument(f"{self.name!r} is a dynamic variable: it has no whole array; "
+                                         "export() gives its live rows with their keys")
         return self.client.pull(self.name)
 
     def push(self, grad):

@@ -35,6 +35,9 @@ class Pulls:
         row_bytes = max(1, int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize)
         # a range pull returns ids too (8 bytes a row); keep 64 KiB for the message framing
         per_request = max(1, (self._shards.max_message - 65536) // (row_bytes + 8))
+        if ids is None and layout.strategy == "hash":
+            raise errors.InvalidArgument(f"pull of {name!r}: a dynamic variable has no row count to pull whole; "
+                                         "pull keys, or export() its live rows with their keys")
         if ids is None:
             out = np.empty(shape, dtype)
             for k in holders(layout):
@@ -70,6 +73,42 @@ class Pulls:
                 if seen is not None:
                     seen.add(resp.iterations)
         return out
+
+    def export(self, name: str, slot: str = "", since_step: int = 0, attempts: int = 20) -> tuple:
+        """(keys, rows) of every live row of a dynamic variable (or of a slot), those updated after
+        optimizer step `since_step` when it is > 0. Each shard is read in chunks of positions and
+        read again if its rows moved meanwhile (an eviction: its table_version changed), so every
+        row that stayed live is exported exactly once."""
+        layout, dtype, shape, _ = self._placements.get(name)
+        if layout.strategy != "hash":
+            raise errors.InvalidArgument(f"export of {name!r}: export is for dynamic variables; pull() a fixed table")
+        row_bytes = max(1, int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize)
+        per_request = max(1, (self._shards.max_message - 65536) // (row_bytes + 8))
+        method = "GetSlot" if slot else "Pull"
+        keys, rows = [], []
+        for k in range(layout.n):
+            for _ in range(attempts):
+                before = self._shards.call(k, "DescribeVariable", pb.DescribeVariableRequest(name=name))
+                part_keys, part_rows = [], []
+                for lo in range(0, before.local_rows, per_request):
+                    req = self.request(slot, name, None, 0, 0.0)
+                    req.row_start, req.row_stop = lo, min(before.local_rows, lo + per_request)
+                    if since_step and not slot:
+                        req.since_step = since_step
+                    resp = self._shards.each(method, {k: req}, True, None if slot else self._shards.attach())[k]
+                    part_keys.append(rows_of(resp.ids))
+                    part_rows.append(rows_of(resp.values))
+                after = self._shards.call(k, "DescribeVariable", pb.DescribeVariableRequest(name=name))
+                if after.table_version == before.table_version:
+                    keys += part_keys
+                    rows += part_rows
+                    break
+            else:
+                raise errors.Aborted(f"export of {name!r}: shard {k}'s rows kept moving (evictions) during "
+                                     f"{attempts} attempts; try again")
+        if not keys:
+            return np.zeros(0, np.int64), np.zeros((0,) + shape[1:], dtype)
+        return np.concatenate(keys).astype(np.int64, copy=False), np.concatenate(rows)
 
     def request(self, slot, name, ids, min_iterations, timeout, worker_id="", k=0, attach=None):
         if slot:

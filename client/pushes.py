@@ -70,6 +70,9 @@ class Pushes:
             layout, dtype, shape, opt = self._placements.get(name)
             sparse = sparse_gradient(grad)
             added = []
+            if sparse is None and layout.strategy == "hash":
+                raise errors.InvalidArgument(f"push: {name!r} is a dynamic variable: its gradients are sparse "
+                                             "(keys, rows); a dense gradient needs a fixed table")
             if sparse is None:
                 values = np.asarray(grad)
                 if values.shape != shape:
@@ -84,7 +87,7 @@ class Pushes:
                 if ids.ndim != 1 or ids.dtype.kind not in "iu":
                     raise errors.InvalidArgument(f"push: ids of {name!r} must be a 1-D integer array")
                 if layout.n > 1:
-                    if ids.size and (ids.min() < 0 or ids.max() >= shape[0]):
+                    if layout.strategy != "hash" and ids.size and (ids.min() < 0 or ids.max() >= shape[0]):
                         bad = ids.min() if ids.min() < 0 else ids.max()
                         raise errors.InvalidArgument(
                             f"push: row id {bad} is out of range for variable {name!r} with {shape[0]} rows")

@@ -15,7 +15,7 @@ from .partition import Layout
 from .proto import sparseps_pb2 as pb
 from .tensors import DTYPE_NAMES
 
-PARTITIONS = {"mod": pb.MOD, "div": pb.DIV, "whole": pb.WHOLE}
+PARTITIONS = {"mod": pb.MOD, "div": pb.DIV, "whole": pb.WHOLE, "hash": pb.HASH}
 PARTITION_NAMES = {v: k for k, v in PARTITIONS.items()}
 
 
@@ -25,6 +25,11 @@ class Placement(NamedTuple):
     dtype: np.dtype
     shape: tuple
     optimizer: str
+
+    @property
+    def dynamic(self) -> bool:
+        """Rows keyed by any int64 (docs/dynamic.md), routed by a hash of the key."""
+        return self.layout.strategy == "hash"
 
 
 def route(layout: Layout, ids: np.ndarray) -> np.ndarray:
