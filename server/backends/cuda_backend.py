@@ -11,7 +11,7 @@ the generic methods: `read` / `gather` bring arrays to the host as numpy, the ma
 exactly as on the numpy backend, `assign` / `scatter_*` write back. Correct, only slower.
 
 Device memory: every table, slot and staging buffer is allocated through `_alloc`, counted in
-`in_use` (a Prometheus gauge), and refused with RESOURCE_EXHAUSTED, naming the device and the
+`in_use` (with the transfer buffer, a Prometheus gauge), and refused with RESOURCE_EXHAUSTED, naming the device and the
 bytes, when it would pass the budget (`--device-memory-budget-mb`, default: what the device had
 free at start less HEADROOM) or the memory the device has free: a shard never dies of an
 out-of-memory error. `admit()` refuses a new variable whose value and slots do not fit, before
@@ -70,7 +70,8 @@ class CudaBackend(NumpyBackend):
             self.budget = int(memory_budget_bytes)
         else:
             self.budget = None if ck.SIMULATOR else max(0, int(free) - HEADROOM)
-        self.in_use = 0
+        self.in_use = 0             # tables, slots, row map: what the budget bounds
+        self.transfer_bytes = 0     # the transfer buffer
         self._pos = None            # int32 row -> position map (-1: untouched), grown as tables come
         self._pinned = None         # host staging (page-locked) and its device twin
         self._staged = None
@@ -89,16 +90,20 @@ class CudaBackend(NumpyBackend):
         return self.cuda.gpus[self.index]
 
     def device_memory(self) -> dict:
-        """What the metrics report: bytes held by this backend on the device and its budget."""
-        return {"device": self.device, "in_use": self.in_use, "budget": self.budget}
+        """What the metrics report: bytes held by this backend on the device (tables, slots, the
+        row map and the transfer buffer) and the budget of the first three."""
+        return {"device": self.device, "in_use": self.in_use + self.transfer_bytes, "budget": self.budget}
+
+    def _free(self) -> float:
+        if ck.SIMULATOR:
+            return float("inf")
+        with self._ctx():
+            return self.cuda.current_context().get_memory_info()[0]
 
     def _room(self) -> float:
         """Bytes that may still be allocated: under the budget and free on the device."""
         room = float("inf") if self.budget is None else self.budget - self.in_use
-        if not ck.SIMULATOR:
-            with self._ctx():
-                room = min(room, self.cuda.current_context().get_memory_info()[0])
-        return room
+        return min(room, self._free())
 
     def _refuse(self, what: str, nbytes: int):
         budget = "no budget" if self.budget is None else f"a budget of {self.budget} bytes"
@@ -117,11 +122,13 @@ class CudaBackend(NumpyBackend):
             if extra:
                 self._pos_map(rows)
 
-    def _alloc(self, shape, dtype, what="an array"):
+    def _alloc(self, shape, dtype, what="an array", budgeted=True):
+        """A device array counted in `in_use` (budgeted) or `transfer_bytes` (the transfer buffer,
+        bounded by the largest message, which the default budget's HEADROOM leaves room for)."""
         shape = tuple(int(s) for s in shape)
         nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
         with self._lock:
-            if nbytes > self._room():
+            if nbytes > (self._room() if budgeted else self._free()):
                 raise self._refuse(what, nbytes)
             try:
                 with self._ctx():
@@ -130,13 +137,19 @@ class CudaBackend(NumpyBackend):
                 if "OUT_OF_MEMORY" in str(e).upper() or isinstance(e, MemoryError):
                     raise self._refuse(what, nbytes) from None
                 raise
-            self.in_use += nbytes
-        weakref.finalize(arr, self._freed, nbytes)
+            if budgeted:
+                self.in_use += nbytes
+            else:
+                self.transfer_bytes += nbytes
+        weakref.finalize(arr, self._freed, nbytes, budgeted)
         return arr
 
-    def _freed(self, nbytes):
+    def _freed(self, nbytes, budgeted):
         with self._lock:
-            self.in_use -= nbytes
+            if budgeted:
+                self.in_use -= nbytes
+            else:
+                self.transfer_bytes -= nbytes
 
     def _fill(self, arr, byte: int):
         if ck.SIMULATOR:
@@ -164,7 +177,7 @@ class CudaBackend(NumpyBackend):
         if self._pinned is None or self._pinned.shape[0] < total:
             size = max(total, 2 * (0 if self._pinned is None else self._pinned.shape[0]), 1 << 20)
             self._staged = None
-            self._staged = self._alloc((size,), np.uint8, "the transfer buffer of a push")
+            self._staged = self._alloc((size,), np.uint8, "the transfer buffer of a push", budgeted=False)
             with self._ctx():
                 self._pinned = self.cuda.pinned_array((size,), np.uint8)
         for a, off in zip(arrays, offsets):

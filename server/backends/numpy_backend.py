@@ -37,6 +37,18 @@ class NumpyBackend:
     def nbytes(self, arr):
         return arr.nbytes
 
+    def grow(self, arr, rows):
+        """A new array of `rows` rows: the old rows at the front, the rest zero (growing tables)."""
+        if rows < arr.shape[0]:
+            raise ValueError(f"grow: {rows} rows is fewer than the {arr.shape[0]} held")
+        out = np.zeros((rows,) + arr.shape[1:], arr.dtype)
+        out[:arr.shape[0]] = arr
+        return out
+
+    def move_rows(self, arr, src, dst):
+        """arr[dst] = arr[src] (int64 row indices, src and dst disjoint)."""
+        arr[dst] = arr[src]
+
     def kernel(self, name):
         return None
 

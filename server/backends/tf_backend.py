@@ -193,6 +193,20 @@ class TensorFlowBackend:
     def nbytes(self, arr):
         return int(np.prod(arr.shape, dtype=np.int64)) * arr.dtype.size
 
+    def grow(self, arr, rows):
+        """A new variable of `rows` rows: the old rows at the front, the rest zero."""
+        tf = self.tf
+        n = int(arr.shape[0])
+        if rows < n:
+            raise ValueError(f"grow: {rows} rows is fewer than the {n} held")
+        with tf.device(self.device):
+            pad = tf.zeros((rows - n,) + tuple(arr.shape[1:]), dtype=arr.dtype)
+            return tf.Variable(tf.concat([arr.read_value(), pad], 0), trainable=False)
+
+    def move_rows(self, arr, src, dst):
+        """arr[dst] = arr[src] (int64 row indices, src and dst disjoint)."""
+        self.scatter_update(arr, dst, self.gather(arr, src))
+
     def kernel(self, name):
         if not self._fused:
             return None
