@@ -38,26 +38,19 @@ BLOCKS_PER_SM = 32
 
 
 def _device_ops(dtype):
-    """(mul, add, sub, div, sqrt) that round each operation once, never fused."""
+    """(mul, add, div, sqrt) that round each operation once, never fused. There is no sub: a - b
+    is written add(a, -b), which IEEE 754 defines it to be (libdevice has no __nv_dsub_rn)."""
     if SIMULATOR:
-        return (lambda a, b: a * b, lambda a, b: a + b, lambda a, b: a - b, lambda a, b: a / b, np.sqrt)
+        return (lambda a, b: a * b, lambda a, b: a + b, lambda a, b: a / b, np.sqrt)
     from numba.cuda import libdevice as ld
     if np.dtype(dtype) == np.float32:
-        return ld.fmul_rn, ld.fadd_rn, ld.fsub_rn, ld.fdiv_rn, ld.fsqrt_rn
-    return ld.dmul_rn, ld.dadd_rn, ld.dsub_rn, ld.ddiv_rn, ld.dsqrt_rn
-
-
-@cuda.jit(device=True)
-def _maximum(a, b):
-    """np.maximum: (a >= b or a is NaN) ? a : b -- NaN propagates, max(-0, +0) is -0."""
-    if a >= b or a != a:
-        return a
-    return b
+        return ld.fmul_rn, ld.fadd_rn, ld.fdiv_rn, ld.fsqrt_rn
+    return ld.dmul_rn, ld.dadd_rn, ld.ddiv_rn, ld.dsqrt_rn
 
 
 def _build(dtype):
     """The kernels for one table dtype (the intrinsics differ between float32 and float64)."""
-    mul, add, sub, div, sqrt = _device_ops(dtype)
+    mul, add, div, sqrt = _device_ops(dtype)
     jit = cuda.jit if SIMULATOR else cuda.jit(fastmath=False)
     k = types.SimpleNamespace()
 
@@ -83,7 +76,7 @@ def _build(dtype):
             elif mode == 1:
                 arr[r, j] = add(arr[r, j], vals[u, j])
             else:
-                arr[r, j] = sub(arr[r, j], vals[u, j])
+                arr[r, j] = add(arr[r, j], -vals[u, j])
 
     @jit
     def scatter_add_grouped(arr, uniq, offs, order, vals):
@@ -126,7 +119,7 @@ def _build(dtype):
             vj = add(mul(b2, v[r, j]), mul(omb2, mul(gj, gj)))
             m[r, j] = mj
             v[r, j] = vj
-            var[r, j] = sub(var[r, j], div(mul(lr, mj), add(sqrt(vj), eps)))
+            var[r, j] = add(var[r, j], -div(mul(lr, mj), add(sqrt(vj), eps)))
 
     # ---------------------------------------------------------------- Keras legacy Adam
     @jit
@@ -146,10 +139,12 @@ def _build(dtype):
                 vj = add(vj, mul(mul(gj, gj), omb2))
             m[r, j] = mj
             v[r, j] = vj
-            if amsgrad:
-                vj = _maximum(vhat[r, j], vj)
+            if amsgrad:   # np.maximum(vhat, v): (a >= b or a is NaN) ? a : b
+                h = vhat[r, j]
+                if h >= vj or h != h:
+                    vj = h
                 vhat[r, j] = vj
-            var[r, j] = sub(var[r, j], div(mul(lr, mj), add(sqrt(vj), eps)))
+            var[r, j] = add(var[r, j], -div(mul(lr, mj), add(sqrt(vj), eps)))
 
     @jit
     def adam_dense(var, m, v, vhat, g, alpha, omb1, omb2, eps, amsgrad):
@@ -159,23 +154,18 @@ def _build(dtype):
             r = e // dim
             j = e - r * dim
             gj = g[r, j]
-            mj = add(m[r, j], mul(sub(gj, m[r, j]), omb1))
-            vj = add(v[r, j], mul(sub(mul(gj, gj), v[r, j]), omb2))
+            mj = add(m[r, j], mul(add(gj, -m[r, j]), omb1))
+            vj = add(v[r, j], mul(add(mul(gj, gj), -v[r, j]), omb2))
             m[r, j] = mj
             v[r, j] = vj
-            if amsgrad:
-                vj = _maximum(vhat[r, j], vj)
+            if amsgrad:   # np.maximum(vhat, v): (a >= b or a is NaN) ? a : b
+                h = vhat[r, j]
+                if h >= vj or h != h:
+                    vj = h
                 vhat[r, j] = vj
-            var[r, j] = sub(var[r, j], div(mul(mj, alpha), add(sqrt(vj), eps)))
+            var[r, j] = add(var[r, j], -div(mul(mj, alpha), add(sqrt(vj), eps)))
 
     # ---------------------------------------------------------------- RectifiedAdam (tfa)
-    @cuda.jit(device=True)
-    def radam_step(mj, vj, recip_1, recip_2, r_t, eps, rectify):
-        m_corr = mul(mj, recip_1)
-        if rectify:
-            return div(mul(r_t, m_corr), add(sqrt(mul(vj, recip_2)), eps))
-        return m_corr
-
     @jit
     def radam_sparse(var, m, v, vhat, pos, g, b1, b2, omb1, omb2, recip_1, recip_2, r_t, eps,
                      neg_lr_t, wd_t, rectify, has_wd, amsgrad):
@@ -194,11 +184,15 @@ def _build(dtype):
                 vj = add(vj, mul(mul(gj, gj), omb2))
             m[r, j] = mj
             v[r, j] = vj
-            if amsgrad:
-                vj = _maximum(vhat[r, j], vj)
+            if amsgrad:   # np.maximum(vhat, v): (a >= b or a is NaN) ? a : b
+                h = vhat[r, j]
+                if h >= vj or h != h:
+                    vj = h
                 vhat[r, j] = vj
             if u >= 0:
-                st = radam_step(mj, vj, recip_1, recip_2, r_t, eps, rectify)
+                st = mul(mj, recip_1)   # m_hat; rectified: r_t m_hat / (sqrt(v recip_2) + eps)
+                if rectify:
+                    st = div(mul(r_t, st), add(sqrt(mul(vj, recip_2)), eps))
                 if has_wd:
                     st = add(st, mul(wd_t, var[r, j]))
                 var[r, j] = add(var[r, j], mul(neg_lr_t, st))
@@ -215,13 +209,17 @@ def _build(dtype):
             vj = add(mul(b2, v[r, j]), mul(omb2, mul(gj, gj)))
             m[r, j] = mj
             v[r, j] = vj
-            if amsgrad:
-                vj = _maximum(vhat[r, j], vj)
+            if amsgrad:   # np.maximum(vhat, v): (a >= b or a is NaN) ? a : b
+                h = vhat[r, j]
+                if h >= vj or h != h:
+                    vj = h
                 vhat[r, j] = vj
-            st = radam_step(mj, vj, recip_1, recip_2, r_t, eps, rectify)
+            st = mul(mj, recip_1)
+            if rectify:
+                st = div(mul(r_t, st), add(sqrt(mul(vj, recip_2)), eps))
             if has_wd:
                 st = add(st, mul(wd_t, var[r, j]))
-            var[r, j] = sub(var[r, j], mul(lr_t, st))
+            var[r, j] = add(var[r, j], -mul(lr_t, st))
 
     # ---------------------------------------------------------------- Keras legacy SGD
     @jit
@@ -233,10 +231,10 @@ def _build(dtype):
             j = e - u * dim
             r = uniq[u]
             gl = mul(g[u, j], lr)
-            a = sub(mul(accum[r, j], momentum), gl)
+            a = add(mul(accum[r, j], momentum), -gl)
             accum[r, j] = a
             if nesterov:
-                a = sub(mul(a, momentum), gl)
+                a = add(mul(a, momentum), -gl)
             var[r, j] = add(var[r, j], a)
 
     @jit
@@ -247,13 +245,13 @@ def _build(dtype):
             j = e - r * dim
             gl = mul(g[r, j], lr)
             if has_momentum:
-                a = sub(mul(accum[r, j], momentum), gl)
+                a = add(mul(accum[r, j], momentum), -gl)
                 accum[r, j] = a
                 if nesterov:
-                    a = sub(mul(a, momentum), gl)
+                    a = add(mul(a, momentum), -gl)
                 var[r, j] = add(var[r, j], a)
             else:
-                var[r, j] = sub(var[r, j], gl)
+                var[r, j] = add(var[r, j], -gl)
 
     # ---------------------------------------------------------------- Lookahead (tfa)
     @jit
@@ -263,12 +261,12 @@ def _build(dtype):
         for e in range(cuda.grid(1), var.shape[0] * dim, cuda.gridsize(1)):
             r = e // dim
             j = e - r * dim
-            s = add(slow[r, j], mul(alpha, sub(var[r, j], slow[r, j])))
+            s = add(slow[r, j], mul(alpha, add(var[r, j], -slow[r, j])))
             slow[r, j] = s
             var[r, j] = s
 
     for name, fn in list(locals().items()):
-        if name not in ("k", "jit", "mul", "add", "sub", "div", "sqrt", "dtype", "radam_step"):
+        if name not in ("k", "jit", "mul", "add", "div", "sqrt", "dtype"):
             setattr(k, name, fn)
     return k
 
