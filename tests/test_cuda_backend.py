@@ -11,7 +11,8 @@ bits, and the device memory budget refuses what does not fit.
 import gc
 import json
 import os
-import urllib.request
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -240,3 +241,17 @@ def test_live_cuda_shard_refuses_with_resource_exhausted_and_reports_memory(uniq
         c.close()
     finally:
         srv.stop()
+
+
+def test_kernels_compile_for_a_gpu_without_fma():
+    """Every kernel compiled to sm_90 PTX by libNVVM (from the nvidia-cuda-nvcc-cu12 wheel of the
+    dev extra; no GPU needed) has no FMA: NVVM would contract `a * b + c` by default, which rounds
+    once where the reference rounds twice."""
+    nvcc = pytest.importorskip("nvidia.cuda_nvcc", reason="the dev extra's nvidia-cuda-nvcc-cu12 brings libNVVM")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, CUDA_HOME=list(nvcc.__path__)[0], NUMBA_ENABLE_CUDASIM="0")
+    out = subprocess.run([sys.executable, os.path.join(root, "tools", "cuda_ptx_check.py")], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "fma instructions in all kernels: 0" in out.stdout
+    assert out.stdout.count("lazy_adam") == 2 and "mul.rn" in out.stdout
