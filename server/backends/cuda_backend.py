@@ -357,11 +357,17 @@ class CudaBackend(NumpyBackend):
 
     def _adam_sparse(self, var, m, v, vhat, uniq, summed, lr, b1, b2, omb1, omb2, eps):
         """Keras legacy Adam on unique rows: every row of m, v (vhat) and var is updated."""
+        dt = var.dtype.type
+        self._moments_sparse(var, m, v, vhat, uniq, summed, (b1, b2, omb1, omb2, eps), False, dt(lr),
+                             (0, 0, 0, 0, 0), False, False)
+
+    def _moments_sparse(self, var, m, v, vhat, uniq, summed, moments, radam, lr, radam_args, rectify, has_wd):
         a = self._2d(var)
         dt = a.dtype.type
         with self._lock, self._ctx():
-            self._marked(a, uniq, summed, "adam_sparse", a, self._2d(m), self._2d(v), self._slot_or_dummy(vhat, a),
-                         dt(lr), dt(b1), dt(b2), dt(omb1), dt(omb2), dt(eps), vhat is not None)
+            self._marked(a, uniq, summed, "moments_sparse", a, self._2d(m), self._2d(v),
+                         self._slot_or_dummy(vhat, a), *(dt(x) for x in moments), vhat is not None, radam, dt(lr),
+                         *(dt(x) for x in radam_args), bool(rectify), bool(has_wd))
 
     def _adam_dense(self, var, m, v, vhat, grad, alpha, omb1, omb2, eps):
         a = self._2d(var)
@@ -378,12 +384,9 @@ class CudaBackend(NumpyBackend):
 
     def _radam_sparse(self, var, m, v, vhat, uniq, summed, c, has_wd):
         """tfa RectifiedAdam on unique rows: moments of every row, var of the touched rows."""
-        a = self._2d(var)
-        dt = a.dtype.type
-        with self._lock, self._ctx():
-            self._marked(a, uniq, summed, "radam_sparse", a, self._2d(m), self._2d(v), self._slot_or_dummy(vhat, a),
-                         *self._radam_args(dt, c), dt(c["neg_lr_t"]), dt(c["wd_t"]), bool(c["rectify"]),
-                         bool(has_wd), vhat is not None)
+        self._moments_sparse(var, m, v, vhat, uniq, summed,
+                             (c["b1"], c["b2"], c["one_minus_b1"], c["one_minus_b2"], c["eps"]), True, 0,
+                             (c["recip_1"], c["recip_2"], c["r_t"], c["neg_lr_t"], c["wd_t"]), c["rectify"], has_wd)
 
     def _radam_dense(self, var, m, v, vhat, grad, c, has_wd):
         a = self._2d(var)

@@ -121,31 +121,7 @@ def _build(dtype):
             v[r, j] = vj
             var[r, j] = add(var[r, j], -div(mul(lr, mj), add(sqrt(vj), eps)))
 
-    # ---------------------------------------------------------------- Keras legacy Adam
-    @jit
-    def adam_sparse(var, m, v, vhat, pos, g, lr, b1, b2, omb1, omb2, eps, amsgrad):
-        """Dense-equivalent sparse Adam: every row decays, touched rows (pos >= 0) get their
-        summed gradient, every row of var moves."""
-        dim = var.shape[1]
-        for e in range(cuda.grid(1), var.shape[0] * dim, cuda.gridsize(1)):
-            r = e // dim
-            j = e - r * dim
-            u = pos[r]
-            mj = mul(m[r, j], b1)
-            vj = mul(v[r, j], b2)
-            if u >= 0:
-                gj = g[u, j]
-                mj = add(mj, mul(gj, omb1))
-                vj = add(vj, mul(mul(gj, gj), omb2))
-            m[r, j] = mj
-            v[r, j] = vj
-            if amsgrad:   # np.maximum(vhat, v): (a >= b or a is NaN) ? a : b
-                h = vhat[r, j]
-                if h >= vj or h != h:
-                    vj = h
-                vhat[r, j] = vj
-            var[r, j] = add(var[r, j], -div(mul(lr, mj), add(sqrt(vj), eps)))
-
+    # ---------------------------------------------------------------- Keras legacy Adam, tfa RectifiedAdam
     @jit
     def adam_dense(var, m, v, vhat, g, alpha, omb1, omb2, eps, amsgrad):
         """TF's ApplyAdam kernel: m += (g - m)(1 - b1), v += (g^2 - v)(1 - b2)."""
@@ -167,10 +143,12 @@ def _build(dtype):
 
     # ---------------------------------------------------------------- RectifiedAdam (tfa)
     @jit
-    def radam_sparse(var, m, v, vhat, pos, g, b1, b2, omb1, omb2, recip_1, recip_2, r_t, eps,
-                     neg_lr_t, wd_t, rectify, has_wd, amsgrad):
-        """Every row's moments decay (plus the summed gradient where pos >= 0); only touched rows
-        of var move, by var + (-lr_t) * step."""
+    def moments_sparse(var, m, v, vhat, pos, g, b1, b2, omb1, omb2, eps, amsgrad, radam, lr,
+                       recip_1, recip_2, r_t, neg_lr_t, wd_t, rectify, has_wd):
+        """The dense-equivalent sparse applies: every row's m and v decay, touched rows (pos >= 0)
+        get their summed gradient (m b1 + g (1 - b1), v b2 + g^2 (1 - b2)), amsgrad's vhat follows.
+        Keras legacy Adam (not radam): every row of var moves by lr m / (sqrt(v) + eps).
+        tfa RectifiedAdam (radam): only touched rows move, by var + (-lr_t) * step."""
         dim = var.shape[1]
         for e in range(cuda.grid(1), var.shape[0] * dim, cuda.gridsize(1)):
             r = e // dim
@@ -189,7 +167,9 @@ def _build(dtype):
                 if h >= vj or h != h:
                     vj = h
                 vhat[r, j] = vj
-            if u >= 0:
+            if not radam:
+                var[r, j] = add(var[r, j], -div(mul(lr, mj), add(sqrt(vj), eps)))
+            elif u >= 0:
                 st = mul(mj, recip_1)   # m_hat; rectified: r_t m_hat / (sqrt(v recip_2) + eps)
                 if rectify:
                     st = div(mul(r_t, st), add(sqrt(mul(vj, recip_2)), eps))
