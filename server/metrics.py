@@ -26,6 +26,9 @@ What is measured where (every name starts with `sparseps_`; every series has a `
   memory_budget_bytes, memory_budget_in_use_bytes    gauge  --memory-budget-mb, and the bytes of the
                                                    requests (and pull answers) admitted and not yet done
   requests_shed_total                   counter    requests refused because they would exceed the budget
+  device_memory_bytes{device}, device_memory_budget_bytes{device}  gauge  --backend cuda: device
+                                                   memory held by tables, slots and transfer buffers,
+                                                   and its budget (--device-memory-budget-mb)
 plus the standard process_* metrics (CPU, resident memory, open files).
 
 Label cardinality is bounded: the first `max_variables` variable names (and `max_optimizers`
@@ -309,6 +312,20 @@ class _ShardCollector:
             for event, value in acc.items():
                 events.add_metric([sl, label, event], value)
         out += [live, events]
+        device_memory = getattr(shard.bk, "device_memory", None)
+        if device_memory is not None:
+            dm = device_memory()
+            used = GaugeMetricFamily("sparseps_device_memory_bytes",
+                                     "Device memory held by this shard's tables, slots and transfer buffers",
+                                     labels=["shard", "device"])
+            used.add_metric([sl, dm["device"]], dm["in_use"])
+            out.append(used)
+            if dm["budget"] is not None:
+                cap = GaugeMetricFamily("sparseps_device_memory_budget_bytes",
+                                        "Device memory the shard may hold (--device-memory-budget-mb)",
+                                        labels=["shard", "device"])
+                cap.add_metric([sl, dm["device"]], dm["budget"])
+                out.append(cap)
         b = m.budget
         if b is not None:
             limit = GaugeMetricFamily("sparseps_memory_budget_bytes", "The memory budget (--memory-budget-mb)",

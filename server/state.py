@@ -228,6 +228,11 @@ class Shard:
                              or initial_value is not None and np.array_equal(self.bk.to_numpy(existing.value), value)):
                     return existing
                 raise AlreadyExists(f"variable {name!r} already exists with a different specification")
+            admit = getattr(self.bk, "admit", None)
+            if admit is not None:   # a device backend: value and slots must fit the device memory left
+                n_slots = len(self.optimizers[optimizer].impl.slot_names()) if optimizer else 0
+                admit(f"variable {name!r} (value and {n_slots} optimizer slots)", nbytes * (1 + n_slots),
+                      local_shape[0])
             var = Variable(name, shape, dtype, optimizer, layout, self.index, self.bk.from_numpy(value, dtype),
                            initializer_json)
             self.variables[name] = var

@@ -3,7 +3,8 @@
 For each step the test pushes the reference's gradients with the public client and compares every
 variable and every optimizer slot (and the iteration count) with what the reference computed.
 Runs on each backend and on a 1-shard and a 3-shard cluster, over the data plane (the default
-client), and on the numba backend over gRPC as well (a client with data_plane=False). Every case
+client), on the numba backend over gRPC as well (a client with data_plane=False), and on a cuda
+shard (its fused CUDA kernels, under numba's CUDA simulator where there is no GPU). Every case
 whose tables get sparse gradients runs again with those tables as dynamic variables (random int64
 keys instead of row ids), on each backend and on 3 shards.
 """
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 
 import sparseps
+from sparseps.local import LocalServer
 from golden import Golden, assert_close, cases
 
 CASES = [p for p in cases() if not p.stem.startswith("keras_mf")]
@@ -66,6 +68,24 @@ def grpc_client(numba_server):
 def test_matches_reference_over_grpc(grpc_client, path, unique):
     assert grpc_client.data_plane == [None]
     check_reference(grpc_client, path, unique)
+
+
+@pytest.fixture(scope="module")
+def cuda_client():
+    """A cuda shard: every golden case through the fused CUDA kernels (under numba's CUDA simulator
+    unless NUMBA_ENABLE_CUDASIM=0 on a machine with a GPU, see conftest.py)."""
+    pytest.importorskip("numba")
+    srv = LocalServer("--backend", "cuda")
+    c = sparseps.connect(srv.address)
+    yield c
+    c.close()
+    srv.stop()
+
+
+@pytest.mark.parametrize("path", CASES, ids=[p.stem for p in CASES])
+def test_matches_reference_on_cuda(cuda_client, path, unique):
+    assert cuda_client.server_info[0].backend == "cuda"
+    check_reference(cuda_client, path, unique)
 
 
 def check_reference(client, path, unique):

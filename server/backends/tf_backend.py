@@ -193,8 +193,11 @@ class TensorFlowBackend:
     def nbytes(self, arr):
         return int(np.prod(arr.shape, dtype=np.int64)) * arr.dtype.size
 
-    def grow(self, arr, rows: int, used: int):
-        """A new variable of `rows` rows whose first `used` rows are arr's (dynamic tables)."""
+    def grow(self, arr, rows: int, used: int | None = None):
+        """A new variable of `rows` rows whose first `used` (default: all) rows are arr's (dynamic tables)."""
+        used = int(arr.shape[0]) if used is None else used
+        if rows < used:
+            raise ValueError(f"grow: {rows} rows is fewer than the {used} held")
         tf = self.tf
         with tf.device(self.device):
             head = arr[:used]

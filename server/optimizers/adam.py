@@ -50,6 +50,10 @@ class Adam(Optimizer):
     def apply_dense(self, bk, var, slots, grad, c):
         """ApplyAdam / ApplyAdamWithAmsgrad (CPU kernels)."""
         m, v = slots["m"], slots["v"]
+        fused = bk.kernel("adam_dense")
+        if fused is not None:
+            return fused(var, m, v, slots["vhat"] if self.hp["amsgrad"] else None, grad, c["alpha"],
+                         c["one_minus_b1"], c["one_minus_b2"], c["eps"])
         m_t = bk.read(m) + (grad - bk.read(m)) * c["one_minus_b1"]
         v_t = bk.read(v) + (grad * grad - bk.read(v)) * c["one_minus_b2"]
         bk.assign(m, m_t)
@@ -62,6 +66,10 @@ class Adam(Optimizer):
     def apply_sparse(self, bk, var, slots, ids, rows, c):
         """Legacy Adam._resource_apply_sparse: decay everything, scatter-add the new rows."""
         m, v = slots["m"], slots["v"]
+        fused = bk.kernel("adam_sparse")
+        if fused is not None:
+            return fused(var, m, v, slots["vhat"] if self.hp["amsgrad"] else None, ids, rows, c["lr"], c["b1"],
+                         c["b2"], c["one_minus_b1"], c["one_minus_b2"], c["eps"])
         bk.assign(m, bk.read(m) * c["b1"])
         bk.scatter_add(m, ids, rows * c["one_minus_b1"])
         bk.assign(v, bk.read(v) * c["b2"])

@@ -97,6 +97,9 @@ class Lookahead(Optimizer):
         self.inner.after_variable(bk, var, slots, c)
         if not c["lookahead_sync"]:
             return
+        fused = bk.kernel("lookahead_sync")
+        if fused is not None:
+            return fused(var, slots["slow"], c["lookahead_alpha"])
         slow = bk.read(slots["slow"])
         step_back = slow + c["lookahead_alpha"] * (bk.read(var) - slow)
         bk.assign(slots["slow"], step_back)

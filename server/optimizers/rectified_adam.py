@@ -105,6 +105,9 @@ class RectifiedAdam(Optimizer):
 
     def apply_dense(self, bk, var, slots, grad, c):
         m, v = slots["m"], slots["v"]
+        fused = bk.kernel("radam_dense")
+        if fused is not None:
+            return fused(var, m, v, slots["vhat"] if self.hp["amsgrad"] else None, grad, c, self.has_weight_decay)
         m_t = c["b1"] * bk.read(m) + c["one_minus_b1"] * grad
         bk.assign(m, m_t)
         v_t = c["b2"] * bk.read(v) + c["one_minus_b2"] * (grad * grad)
@@ -119,6 +122,10 @@ class RectifiedAdam(Optimizer):
 
     def apply_sparse(self, bk, var, slots, ids, rows, c):
         m, v = slots["m"], slots["v"]
+        fused = bk.kernel("radam_sparse")
+        if fused is not None:
+            return fused(var, m, v, slots["vhat"] if self.hp["amsgrad"] else None, ids, rows, c,
+                         self.has_weight_decay)
         bk.assign(m, bk.read(m) * c["b1"])
         bk.scatter_add(m, ids, rows * c["one_minus_b1"])
         bk.assign(v, bk.read(v) * c["b2"])

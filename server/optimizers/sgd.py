@@ -29,6 +29,9 @@ class SGD(Optimizer):
         return {"lr_t": self.decayed_lr(iterations, dtype), "momentum": hyper(self.hp["momentum"], dtype)}
 
     def apply_dense(self, bk, var, slots, grad, c):
+        fused = bk.kernel("sgd_dense")
+        if fused is not None:
+            return fused(var, slots.get("momentum"), grad, c["lr_t"], c["momentum"], self.hp["nesterov"])
         if not slots:  # ResourceApplyGradientDescent
             bk.assign(var, bk.read(var) - grad * c["lr_t"])
             return
@@ -48,6 +51,9 @@ class SGD(Optimizer):
         if not slots:  # only reached through Lookahead (where the reference fails without momentum)
             bk.scatter_add(var, ids, -rows * c["lr_t"])
             return
+        fused = bk.kernel("momentum_sparse")
+        if fused is not None:
+            return fused(var, slots["momentum"], ids, rows, c["lr_t"], c["momentum"], self.hp["nesterov"])
         a = bk.gather(slots["momentum"], ids) * c["momentum"] - rows * c["lr_t"]
         bk.scatter_update(slots["momentum"], ids, a)
         step = a * c["momentum"] - rows * c["lr_t"] if self.hp["nesterov"] else a
