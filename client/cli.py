@@ -2,6 +2,7 @@
 
     sparseps status 127.0.0.1:50051        # variables, optimizers, iterations of every shard
     sparseps demo                          # train a small model against a local server
+    sparseps demo --dynamic                # a CTR model on hashed 64-bit ids in dynamic tables
     sparseps cluster up --shards 3         # run a local cluster until Ctrl-C (client/cluster.py)
     sparseps export-tf ADDR --out DIR      # TensorFlow checkpoint of an optimizer's state (import-tf: back)
 """
@@ -42,6 +43,10 @@ def _demo(args):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["demo"] and "--dynamic" in argv[1:]:     # the example takes its own options
+        from .demo import run_dynamic
+        return run_dynamic([a for a in argv[1:] if a != "--dynamic"])
     p = argparse.ArgumentParser(prog="sparseps", description="Talk to a sparseps cluster.")
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("status", help="show variables, optimizers and iterations")
