@@ -13,7 +13,33 @@ from .hashing import hash_strings
 from .variables import _LATER, RemoteVariable, _initializer_config, _safe, export_npz, export_saved_model, remote_name
 
 
-class Embedding(keras.layers.Layer):
+class _Table(keras.layers.Layer):
+    """What Embedding and DynamicEmbedding share: a cluster variable and the handle standing for it."""
+
+    @staticmethod
+    def _wrap(variable, client) -> RemoteVariable:
+        return variable if isinstance(variable, RemoteVariable) else \
+            RemoteVariable(variable, client=client, handle=_LATER)
+
+    def _attach(self, remote: RemoteVariable):
+        self.handle = self.add_weight(shape=(), initializer="zeros", trainable=True, name="remote_handle")
+        remote.set_handle(self.handle)
+        self._remote = remote
+        self.built = True
+
+    @property
+    def remote(self) -> RemoteVariable:
+        return self._remote
+
+    @property
+    def variable(self) -> _ServerVariable:
+        return self._remote.variable
+
+    def export_npz(self, path, **kw):
+        return export_npz(self._remote, path, **kw)
+
+
+class Embedding(_Table):
     """`keras.layers.Embedding` whose table lives on the cluster; the layer holds no rows.
 
         emb = spk.Embedding(100_000, 32, name="users", optimizer=opt)       # creates the table
@@ -38,24 +64,12 @@ class Embedding(keras.layers.Layer):
                                            if initial_value is None else None, optimizer=optimizer, client=client,
                                            partition=partition, handle=_LATER)
         else:
-            remote = variable if isinstance(variable, RemoteVariable) else \
-                RemoteVariable(variable, client=client, handle=_LATER)
+            remote = self._wrap(variable, client)
         if remote.variable.dynamic:
             raise ValueError(f"{remote.name!r} is a dynamic variable (rows keyed by any int64): use "
                              "sparseps.keras.DynamicEmbedding")
-        self.handle = self.add_weight(shape=(), initializer="zeros", trainable=True, name="remote_handle")
-        remote.set_handle(self.handle)
-        self._remote = remote
         self.input_dim, self.output_dim = remote.shape[0], int(np.prod(remote.shape[1:]))
-        self.built = True
-
-    @property
-    def remote(self) -> RemoteVariable:
-        return self._remote
-
-    @property
-    def variable(self) -> _ServerVariable:
-        return self._remote.variable
+        self._attach(remote)
 
     def call(self, ids):
         return self._remote.lookup(ids)
@@ -66,9 +80,6 @@ class Embedding(keras.layers.Layer):
     def numpy(self) -> np.ndarray:
         return self._remote.numpy()
 
-    def export_npz(self, path, **kw):
-        return export_npz(self._remote, path, **kw)
-
     def export_saved_model(self, path):
         return export_saved_model(self._remote, path)
 
@@ -78,7 +89,7 @@ class Embedding(keras.layers.Layer):
         return cfg
 
 
-class DynamicEmbedding(keras.layers.Layer):
+class DynamicEmbedding(_Table):
     """An embedding table keyed by any int64 (or string) id, with no row count: a dynamic variable
     on the cluster (docs/dynamic.md). A row is created by the first push that touches its key; a
     key without a row reads as its initial value.
@@ -122,26 +133,14 @@ class DynamicEmbedding(keras.layers.Layer):
                                            f"of dim={dim}", e.code) from None
             remote = RemoteVariable(var, handle=_LATER)
         else:
-            remote = variable if isinstance(variable, RemoteVariable) else \
-                RemoteVariable(variable, client=client, handle=_LATER)
+            remote = self._wrap(variable, client)
         if not remote.variable.dynamic:
             raise ValueError(f"{remote.name!r} is a fixed table of shape {remote.shape}: use sparseps.keras.Embedding")
         if dim is not None and int(dim) != remote.shape[1]:
             raise ValueError(f"dynamic variable {remote.name!r} has rows of width {remote.shape[1]}, not dim={dim}")
-        self.handle = self.add_weight(shape=(), initializer="zeros", trainable=True, name="remote_handle")
-        remote.set_handle(self.handle)
-        self._remote = remote
         self.dim = self.output_dim = remote.shape[1]
         self.input_type = input_type
-        self.built = True
-
-    @property
-    def remote(self) -> RemoteVariable:
-        return self._remote
-
-    @property
-    def variable(self) -> _ServerVariable:
-        return self._remote.variable
+        self._attach(remote)
 
     def keys(self, ids):
         """The int64 keys of `ids` (hashed when input_type="string"); refuses float ids."""
@@ -173,9 +172,6 @@ class DynamicEmbedding(keras.layers.Layer):
     def export(self, since_step=0, slot=""):
         """(keys, rows) of every live row (since_step > 0: rows updated after that step)."""
         return self._remote.variable.export(since_step=since_step, slot=slot)
-
-    def export_npz(self, path, **kw):
-        return export_npz(self._remote, path, **kw)
 
     def get_config(self):
         cfg = super().get_config()
