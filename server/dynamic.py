@@ -200,6 +200,7 @@ class DynamicTable:
         return pos
 
     def touch(self, pos: np.ndarray, step: int):
+        """Rows `pos` (duplicates allowed) were updated by step `step`, now."""
         self.step[pos] = step
         self.when[pos] = int(time.time())
 
