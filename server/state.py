@@ -517,6 +517,11 @@ class Shard:
                        else "even after evicting every other row"))
             want = min(want, pol.capacity)
         if want <= table.capacity_rows:
+            try:
+                table.index.reserve(want)   # (the index may still need to double)
+            except MemoryError:
+                raise ResourceExhausted(f"{what}: out of memory growing the key index of dynamic variable "
+                                        f"{var.name!r} on shard {self.index}; nothing was changed") from None
             return
         row_bytes = int(np.prod(var.shape[1:], dtype=np.int64)) * var.dtype.itemsize * (1 + len(var.slots))
         cap = max(want, int(table.capacity_rows * 1.5), 1024)
@@ -528,7 +533,7 @@ class Shard:
                 f"{self.index} for {want} rows; this shard accepts at most {self.max_variable_bytes / 2 ** 30:.3g} "
                 "GiB per variable: add shards, or bound the table (capacity, eviction)")
         try:
-            table.reserve(cap)
+            table.reserve(cap, want)
             value = self.bk.grow(var.value, cap, table.live)
             slots = {n: self.bk.grow(a, cap, table.live) for n, a in var.slots.items()}
         except MemoryError:
