@@ -117,23 +117,24 @@ def _demo(args):
     return run(args)
 
 
+def _command(sub, name, fn, help):
+    """A subcommand that talks to a cluster: address, --token, --tls-* (no TensorFlow import)."""
+    from .tf_checkpoint import connection_arguments
+    p = sub.add_parser(name, help=help)
+    connection_arguments(p)
+    p.set_defaults(fn=fn)
+    return p
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="sparseps", description="Talk to a sparseps cluster.")
     sub = p.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("status", help="show variables, optimizers and iterations")
-    from .tf_checkpoint import connection_arguments   # address, --token, --tls-*: no TensorFlow import
-    connection_arguments(s)
+    s = _command(sub, "status", _status, "show variables, optimizers and iterations (dynamic: policy, counters)")
     s.add_argument("--json", action="store_true")
-    s.set_defaults(fn=_status)
-    c = sub.add_parser("checkpoint", help="write a checkpoint on every shard now (servers need --data-dir)")
-    connection_arguments(c)
-    c.set_defaults(fn=_checkpoint)
-    ev = sub.add_parser("evict", help="run the age eviction of dynamic variables now; rows removed per variable")
-    connection_arguments(ev)
+    _command(sub, "checkpoint", _checkpoint, "write a checkpoint on every shard now (servers need --data-dir)")
+    ev = _command(sub, "evict", _evict, "run the age eviction of dynamic variables now; rows removed per variable")
     ev.add_argument("--variable", help="only this dynamic variable (default: all)")
-    ev.set_defaults(fn=_evict)
-    x = sub.add_parser("export", help="write a dynamic variable's live rows (keys, values) to .npz or a TF checkpoint")
-    connection_arguments(x)
+    x = _command(sub, "export", _export, "write a dynamic variable's live rows (keys, values): .npz or TF checkpoint")
     x.add_argument("--variable", required=True, help="the dynamic variable")
     x.add_argument("--since-step", type=_step, default=0, metavar="T",
                    help="only rows updated after optimizer step T (an incremental dump; default: every live row)")
@@ -143,7 +144,6 @@ def main(argv=None):
     where.add_argument("--tf-checkpoint", metavar="DIR",
                        help="a TensorFlow checkpoint DIR/rows-N: tensors keys/.ATTRIBUTES/VARIABLE_VALUE, "
                             "values/.ATTRIBUTES/VARIABLE_VALUE, step/.ATTRIBUTES/VARIABLE_VALUE")
-    x.set_defaults(fn=_export)
     d = sub.add_parser("demo", help="train a small recommendation model (starts a local server if needed)")
     from .demo import add_arguments
     add_arguments(d)

@@ -14,16 +14,14 @@ NORMAL = {"class_name": "RandomNormal", "config": {"stddev": 1.0, "seed": 5}}
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    servers = start_cluster(2, "--backend", "numpy", "--no-malloc-tuning")
-    yield servers
-    for s in servers:
-        s.stop()
-
-
-@pytest.fixture(scope="module")
-def address(cluster):
-    return ",".join(s.address for s in cluster)
+def address():
+    """A 2-shard cluster of this module (the CLI connects by address), stopped by PID after it."""
+    servers = start_cluster(2, "--backend", "numpy")
+    try:
+        yield ",".join(s.address for s in servers)
+    finally:
+        for s in servers:
+            s.stop()
 
 
 @pytest.fixture(scope="module")
