@@ -323,6 +323,14 @@ class TensorFlowBackend:
         with self.tf.device(self.device):
             return self.tf.maximum(a, b)
 
+    def minimum(self, a, b):
+        with self.tf.device(self.device):
+            return self.tf.minimum(a, b)
+
+    def pow(self, x, y):
+        with self.tf.device(self.device):
+            return self.tf.pow(x, y)
+
     def where(self, cond, a, b):
         with self.tf.device(self.device):
             return self.tf.where(cond, a, b)

@@ -1,19 +1,22 @@
 """The optimizer classes sparseps reproduces, one file each, looked up by Keras class name."""
 from sparseps.errors import InvalidArgument
 
+from .adagrad import Adagrad
 from .adam import Adam
 from .base import Optimizer
+from .ftrl import Ftrl
 from .keras_adam import Keras3Adam, KerasAdam
 from .keras_sgd import Keras3SGD, KerasSGD
 from .lazy_adam import LazyAdam
 from .lazy_adam_v1 import LazyAdamV1
 from .lookahead import Lookahead
 from .rectified_adam import RectifiedAdam
+from .rmsprop import RMSprop
 from .sgd import SGD
 
 # Registered by class name. `Adam` / `SGD` also stand for the non-legacy Keras classes, which
 # their `flavour(config)` picks from the config's keys (keras_adam, keras_sgd).
-CLASSES = [LazyAdam, Adam, SGD, RectifiedAdam, Lookahead, LazyAdamV1]
+CLASSES = [LazyAdam, Adam, SGD, RectifiedAdam, Lookahead, LazyAdamV1, Adagrad, Ftrl, RMSprop]
 
 
 def _registry():

@@ -224,3 +224,15 @@ class Keras3Mixin:
         head = ["iterations", "learning_rate"] if self.lr_is_variable else ["iterations"]
         return head + [f"{v}/{s}" for v, s in pairs]
 
+
+
+def pick_flavour(config: dict, legacy: type, keras3: type, keras2: type | None = None) -> type:
+    """The class for a config's flavour; a flavour sparseps does not implement is refused."""
+    which = flavour(config)
+    cls = {"legacy": legacy, "keras2": keras2, "keras3": keras3}[which]
+    if cls is None:
+        raise InvalidArgument(
+            f"{legacy.class_names[0]}: the Keras 2.11-2.15 non-legacy optimizer (is_legacy_optimizer: false, "
+            "jit_compile, weight_decay, use_ema keys) is not implemented for this class; use the legacy "
+            "optimizer (tf.keras.optimizers.legacy) or the Keras 3 one")
+    return cls
