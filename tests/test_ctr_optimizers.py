@@ -75,7 +75,7 @@ def test_bad_config_is_refused_naming_the_key_and_changes_nothing(numba_client, 
     with pytest.raises(sparseps.InvalidArgument) as e:
         numba_client.create_optimizer(name, config)
     assert "INVALID_ARGUMENT" in str(e.value) and key in str(e.value), str(e.value)
-    assert name not in numba_client.optimizers()
+    assert name not in [o.name for o in numba_client.optimizers()]
     numba_client.create_optimizer(name, {"class_name": config["class_name"], "config": {}})   # the name is free
 
 
