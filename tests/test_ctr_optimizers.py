@@ -195,3 +195,34 @@ def test_tf_checkpoint_restores_into_keras2_legacy_optimizer(tmp_path, case):
         for slot, arr in state.items():
             np.testing.assert_array_equal(c.pull("emb", slot=slot), arr)
 
+
+
+# ---------------------------------------------------------------- Keras integration
+@pytest.mark.parametrize("cls, kw", [("Adagrad", {"learning_rate": 0.1}),
+                                     ("Ftrl", {"learning_rate": 0.1, "l1_regularization_strength": 0.01}),
+                                     ("RMSprop", {"learning_rate": 0.01, "momentum": 0.5, "centered": True})])
+def test_keras_classes_train_like_the_local_legacy_optimizer(numba_client, unique, cls, kw):
+    """sparseps.keras.<cls> with a remote Embedding under a GradientTape == tf_keras's legacy <cls>
+    on a local variable fed the same IndexedSlices (TensorFlow's own kernels), bit for bit."""
+    tf = pytest.importorskip("tensorflow")
+    tf_keras = pytest.importorskip("tf_keras", reason="tf_keras not installed")
+    spk = pytest.importorskip("sparseps.keras")
+    table = init(50, 4)
+    opt = getattr(spk, cls)(client=numba_client, name=f"{unique}_opt", **kw)
+    emb = spk.Embedding(initial_value=table, name=f"{unique}_emb", optimizer=opt)
+    local_var = tf.Variable(table)
+    local_opt = getattr(tf_keras.optimizers.legacy, cls)(**kw)
+    rng = np.random.default_rng(7)
+    for _ in range(3):
+        ids = tf.constant(rng.integers(0, 50, 12))
+        w = tf.constant(rng.normal(size=(12, 4)).astype(np.float32))
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(emb(ids) * w)
+        opt.apply_gradients(zip(tape.gradient(loss, emb.trainable_variables), emb.trainable_variables))
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(tf.gather(local_var, ids) * w)
+        local_opt.apply_gradients([(tape.gradient(loss, local_var), local_var)])
+    np.testing.assert_array_equal(emb.numpy(), local_var.numpy())
+    assert int(opt.iterations) == 3 and opt.get_config()["name"] == f"{unique}_opt"
+    for slot in local_opt.get_slot_names():
+        np.testing.assert_array_equal(opt.get_slot(emb, slot).numpy(), local_opt.get_slot(local_var, slot).numpy())
