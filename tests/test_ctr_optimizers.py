@@ -226,3 +226,29 @@ def test_keras_classes_train_like_the_local_legacy_optimizer(numba_client, uniqu
     assert int(opt.iterations) == 3 and opt.get_config()["name"] == f"{unique}_opt"
     for slot in local_opt.get_slot_names():
         np.testing.assert_array_equal(opt.get_slot(emb, slot).numpy(), local_opt.get_slot(local_var, slot).numpy())
+
+
+# ---------------------------------------------------------------- fused kernels
+@pytest.mark.parametrize("case", sorted(CONFIGS))
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+def test_fused_kernels_equal_the_numpy_path_bitwise(case, dtype):
+    """The numba backend's kernels (serial below 1024 ids, parallel above; 2-D and 1-D variables)
+    give the numpy backend's bits, which are the reference's (the golden cases)."""
+    from sparseps.server.backends.numpy_backend import NumbaBackend, NumpyBackend
+    from sparseps.server.state import Shard
+    out = []
+    for bk in (NumpyBackend(), NumbaBackend()):
+        rng = np.random.default_rng(11)
+        shard = Shard(bk)
+        shard.create_optimizer("o", json.dumps(CONFIGS[case]))
+        shard.create_variable("t", (300, 5), dtype, "o", initial_value=rng.normal(0, 0.1, (300, 5)).astype(dtype))
+        shard.create_variable("b", (300,), dtype, "o", initial_value=rng.normal(0, 0.1, 300).astype(dtype))
+        for n in (40, 0, 2000, 7):
+            ids = rng.integers(0, 300, n)
+            shard.push([("t", ids, rng.normal(0, 0.1, (n, 5)).astype(dtype)),
+                        ("b", ids, rng.normal(0, 0.1, n).astype(dtype))])
+        out.append({f"{n}/{s}": a.copy() for n, v in shard.variables.items()
+                    for s, a in [("", v.value)] + sorted(v.slots.items())})
+    assert sorted(out[0]) == sorted(out[1])
+    for key in out[0]:
+        np.testing.assert_array_equal(out[1][key], out[0][key], err_msg=key)
