@@ -316,6 +316,23 @@ def _sgd_sparse_add_kernel(var, ids, grads, neg_lr):
     return -1
 
 
+@numba.njit(**_JIT)
+def _prefetch_row(arr, r, dim, line):
+    """Prefetch (for write) every cache line of row r (a row may straddle one more line)."""
+    for j in range(0, dim, line):
+        _prefetch_w(arr, r, j)
+    _prefetch_w(arr, r, dim - 1)
+
+
+@numba.njit(**_JIT)
+def _prefetch_ahead(a, b, uniq, u, hi, dim, line):
+    """Prefetch the rows of a and b that row u's loop reaches PREFETCH_ROWS rows later."""
+    up = u + PREFETCH_ROWS
+    if up < hi:
+        _prefetch_row(a, uniq[up], dim, line)
+        _prefetch_row(b, uniq[up], dim, line)
+
+
 # --------------------------------------------------------------------------------------------
 # Keras SGD with momentum on de-duplicated rows
 # --------------------------------------------------------------------------------------------
@@ -324,14 +341,7 @@ def _momentum_rows(var, accum, uniq, g, lo, hi, lr, momentum, nesterov):
     dim = var.shape[1]
     line = _line_elems(var)
     for u in range(lo, hi):
-        up = u + PREFETCH_ROWS
-        if up < hi:
-            rp = uniq[up]
-            for j in range(0, dim, line):
-                _prefetch_w(var, rp, j)
-                _prefetch_w(accum, rp, j)
-            _prefetch_w(var, rp, dim - 1)
-            _prefetch_w(accum, rp, dim - 1)
+        _prefetch_ahead(var, accum, uniq, u, hi, dim, line)
         r = uniq[u]
         if nesterov:
             for j in range(dim):
@@ -384,14 +394,7 @@ def _keras_rows(kind, flags, var, s1, s2, s3, uniq, offs, order, grads, scratch,
     dim = var.shape[1]
     line = _line_elems(var)
     for u in range(lo, hi):
-        up = u + PREFETCH_ROWS
-        if up < hi:
-            rp = uniq[up]
-            for j in range(0, dim, line):
-                _prefetch_w(var, rp, j)
-                _prefetch_w(s1, rp, j)
-            _prefetch_w(var, rp, dim - 1)
-            _prefetch_w(s1, rp, dim - 1)
+        _prefetch_ahead(var, s1, uniq, u, hi, dim, line)
         r = uniq[u]
         for j in range(dim):
             scratch[si, j] = zero
@@ -613,6 +616,18 @@ def _grads(grads, n, dim, dtype, name="grads"):
     return np.ascontiguousarray(grads)
 
 
+def _checked(var, slots, ids, grads):
+    """(ids, grads) validated for a grouped row kernel on var and its slots ({name: table})."""
+    _slot(var, "var", var)
+    for name, a in slots.items():
+        _slot(a, name, var)
+    ids = _ids(ids)
+    grads = _grads(grads, ids.shape[0], var.shape[1], var.dtype)
+    if ids.shape[0] >= 2**30:
+        raise ValueError("at most 2**30 ids per call")  # int32 positions in the hash table
+    return ids, grads
+
+
 def _raise_bad(ids, bad, n_rows):
     raise IndexError(f"row id {int(ids[bad])} (position {bad}) out of range [0, {n_rows})")
 
@@ -647,28 +662,26 @@ def lazy_adam(var, m, v, ids, grads, lr, beta1, beta2, one_minus_beta1, one_minu
         m[r] = m_r; v[r] = v_r
         var[r] = var[r] - (lr * m_r) / (sqrt(v_r) + epsilon)
     """
-    _table(var, "var")
-    _slot(var, "var", var)
-    _slot(m, "m", var)
-    _slot(v, "v", var)
-    ids = _ids(ids)
-    grads = _grads(grads, ids.shape[0], var.shape[1], var.dtype)
-    n = ids.shape[0]
-    if n == 0:
+    ids, grads = _checked(var, {"m": m, "v": v}, ids, grads)
+    if ids.shape[0] == 0:
         return 0
-    if n >= 2**30:
-        raise ValueError("at most 2**30 ids per call")  # int32 positions in the hash table
     dt = var.dtype.type
     args = (var, m, v, ids, grads, dt(0), dt(lr), dt(beta1), dt(beta2), dt(one_minus_beta1),
             dt(one_minus_beta2), dt(epsilon))
+    return _run_rows(_lazy_adam_serial, _lazy_adam_parallel, args, ids, var.shape[0])
+
+
+def _run_rows(serial, parallel, args, ids, n_rows):
+    """The parallel kernel from PARALLEL_MIN_ROWS ids on (when numba has threads), else the serial
+    one; an id out of range raises; returns the unique-row count."""
     nth = numba.get_num_threads()
-    if n >= PARALLEL_MIN_ROWS and nth > 1:
+    if ids.shape[0] >= PARALLEL_MIN_ROWS and nth > 1:
         with _par_guard():
-            k, bad = _lazy_adam_parallel(*args, nth)
+            k, bad = parallel(*args, nth)
     else:
-        k, bad = _lazy_adam_serial(*args)
+        k, bad = serial(*args)
     if k < 0:
-        _raise_bad(ids, bad, var.shape[0])
+        _raise_bad(ids, bad, n_rows)
     return int(k)
 
 
@@ -715,28 +728,13 @@ def keras_momentum_sparse(var, accum, uniq_ids, summed, lr, momentum, nesterov):
 
 def _keras_sparse(kind, flags, var, slots, ids, grads, coefficients):
     """Validate, then run the serial or the parallel kernel; returns the unique-row count."""
-    _slot(var, "var", var)
-    for name, a in slots.items():
-        _slot(a, name, var)
-    tables = list(slots.values()) + [var] * (3 - len(slots))
-    ids = _ids(ids)
-    grads = _grads(grads, ids.shape[0], var.shape[1], var.dtype)
-    n = ids.shape[0]
-    if n == 0:
+    ids, grads = _checked(var, slots, ids, grads)
+    if ids.shape[0] == 0:
         return 0
-    if n >= 2**30:
-        raise ValueError("at most 2**30 ids per call")
+    tables = list(slots.values()) + [var] * (3 - len(slots))
     c = np.array(coefficients, dtype=var.dtype)
     args = (kind, flags, var, tables[0], tables[1], tables[2], ids, grads, c)
-    nth = numba.get_num_threads()
-    if n >= PARALLEL_MIN_ROWS and nth > 1:
-        with _par_guard():
-            k, bad = _keras_parallel(*args, nth)
-    else:
-        k, bad = _keras_serial(*args)
-    if k < 0:
-        _raise_bad(ids, bad, var.shape[0])
-    return int(k)
+    return _run_rows(_keras_serial, _keras_parallel, args, ids, var.shape[0])
 
 
 def adagrad(var, accum, ids, grads, lr, epsilon):
