@@ -8,7 +8,10 @@
 #
 # Offline builds (CI): put wheels in deploy/wheels/ (see docs/deploy.md) and add
 #   --build-arg PIP_NO_INDEX=1 --build-arg PIP_FIND_LINKS=/src/deploy/wheels
-# GPU shards (TensorFlow backend, chosen automatically when a GPU is visible):
+# GPU shards, the cuda backend (fused CUDA kernels; chosen automatically when a CUDA device is
+# visible; run with --gpus / nvidia.com/gpu, the driver comes from the host):
+#   --build-arg EXTRAS=server,cuda
+# GPU shards on the TensorFlow backend (set SPARSEPS_BACKEND to it):
 #   --build-arg EXTRAS=server,gpu
 # Every SPARSEPS_* variable is a sparseps-server flag (`sparseps-server --help`).
 ARG BASE_IMAGE=python:3.11-slim

@@ -26,7 +26,7 @@ import numpy as np
 from sparseps import frames
 from sparseps.proto import sparseps_pb2 as pb
 from sparseps.server import backends
-from sparseps.server.pushes import gradients_of
+from sparseps.server.wire import gradients_of
 from sparseps.server.service import ParameterServerService
 from sparseps.server.state import Shard
 

@@ -24,6 +24,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, disable_cre
 from prometheus_client.exposition import start_http_server
 
 from . import errors
+from .client import Client
 
 # A trainer's push is the server's push latency plus serialisation and the slowest of N shards:
 # about 1-10 ms for 1k-4k rows on loopback, tens of ms for 64k rows, seconds under sync mode.
@@ -123,7 +124,6 @@ def stop_client_metrics():
 
 def connect(addresses, *, metrics_port: int | None = None, metrics_host: str = "127.0.0.1", **options):
     """sparseps.connect(), instrumented; with metrics_port (0 = any free port) also serves /metrics."""
-    from .client import Client
     client = instrument(Client(addresses, **options))
     if metrics_port is not None:
         client.metrics_port = serve_client_metrics(metrics_port, metrics_host)

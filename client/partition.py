@@ -1,12 +1,37 @@
-"""Which shard holds which rows: the `mod` and `div` strategies of tf.nn.embedding_lookup.
+"""Which shard holds which rows: the `mod` and `div` strategies of tf.nn.embedding_lookup, and
+`hash` for dynamic tables, whose int64 keys go to shard splitmix64(key) mod N.
 
 Shared by the client (routing) and the server (global id -> local row); numpy only.
+
+Why a hash and not `key % N` for dynamic tables: real feature keys are patterned (multiples of a
+stride, sequential blocks, hashes that share low bits), and modulo routing piles such keys onto
+a few shards. splitmix64's output function is a bijection on 64 bits whose every output bit
+depends on every input bit, so any such pattern spreads evenly.
 """
 import zlib
 
 import numpy as np
 
-STRATEGIES = ("mod", "div", "whole")
+STRATEGIES = ("mod", "div", "whole", "hash")
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def splitmix64(x) -> np.ndarray:
+    """splitmix64's output function over uint64 values (wrapping arithmetic)."""
+    with np.errstate(over="ignore"):
+        z = np.asarray(x, np.uint64) + _GOLDEN
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def key_shard(keys, num_shards: int) -> np.ndarray:
+    """The shard of each int64 key of a dynamic table."""
+    keys = np.ascontiguousarray(keys, np.int64)
+    if num_shards == 1:
+        return np.zeros(keys.shape, np.int64)
+    return (splitmix64(keys.view(np.uint64)) % np.uint64(num_shards)).astype(np.int64)
 
 
 def owner_shard(name: str, num_shards: int) -> int:
@@ -28,6 +53,8 @@ class Layout:
         ids = np.asarray(ids, dtype=np.int64)
         if self.strategy == "whole":
             return np.full(ids.shape, self.owner, dtype=np.int64)
+        if self.strategy == "hash":
+            return key_shard(ids, self.n)
         if self.strategy == "mod":
             return ids % self.n
         per, extras = self._per, self._extras

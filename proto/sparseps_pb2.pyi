@@ -28,6 +28,7 @@ class Partition(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     MOD: _ClassVar[Partition]
     DIV: _ClassVar[Partition]
     WHOLE: _ClassVar[Partition]
+    HASH: _ClassVar[Partition]
 DTYPE_UNSPECIFIED: DType
 FLOAT32: DType
 FLOAT64: DType
@@ -41,6 +42,7 @@ PARTITION_UNSPECIFIED: Partition
 MOD: Partition
 DIV: Partition
 WHOLE: Partition
+HASH: Partition
 
 class Tensor(_message.Message):
     __slots__ = ("dtype", "shape", "data")
@@ -124,7 +126,7 @@ class ListOptimizersResponse(_message.Message):
     def __init__(self, optimizers: _Optional[_Iterable[_Union[OptimizerInfo, _Mapping]]] = ...) -> None: ...
 
 class CreateVariableRequest(_message.Message):
-    __slots__ = ("name", "shape", "dtype", "optimizer", "initializer_json", "initial_value", "partition", "owner_shard")
+    __slots__ = ("name", "shape", "dtype", "optimizer", "initializer_json", "initial_value", "partition", "owner_shard", "dynamic", "table_json", "key_dtype")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -133,6 +135,9 @@ class CreateVariableRequest(_message.Message):
     INITIAL_VALUE_FIELD_NUMBER: _ClassVar[int]
     PARTITION_FIELD_NUMBER: _ClassVar[int]
     OWNER_SHARD_FIELD_NUMBER: _ClassVar[int]
+    DYNAMIC_FIELD_NUMBER: _ClassVar[int]
+    TABLE_JSON_FIELD_NUMBER: _ClassVar[int]
+    KEY_DTYPE_FIELD_NUMBER: _ClassVar[int]
     name: str
     shape: _containers.RepeatedScalarFieldContainer[int]
     dtype: DType
@@ -141,10 +146,20 @@ class CreateVariableRequest(_message.Message):
     initial_value: Tensor
     partition: Partition
     owner_shard: int
-    def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., optimizer: _Optional[str] = ..., initializer_json: _Optional[str] = ..., initial_value: _Optional[_Union[Tensor, _Mapping]] = ..., partition: _Optional[_Union[Partition, str]] = ..., owner_shard: _Optional[int] = ...) -> None: ...
+    dynamic: bool
+    table_json: str
+    key_dtype: DType
+    def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., optimizer: _Optional[str] = ..., initializer_json: _Optional[str] = ..., initial_value: _Optional[_Union[Tensor, _Mapping]] = ..., partition: _Optional[_Union[Partition, str]] = ..., owner_shard: _Optional[int] = ..., dynamic: _Optional[bool] = ..., table_json: _Optional[str] = ..., key_dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
 
 class VariableInfo(_message.Message):
-    __slots__ = ("name", "shape", "dtype", "optimizer", "partition", "owner_shard", "local_rows", "bytes_held", "initializer_json")
+    __slots__ = ("name", "shape", "dtype", "optimizer", "partition", "owner_shard", "local_rows", "bytes_held", "initializer_json", "dynamic", "table_json", "table_stats", "table_version")
+    class TableStatsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     NAME_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -154,6 +169,10 @@ class VariableInfo(_message.Message):
     LOCAL_ROWS_FIELD_NUMBER: _ClassVar[int]
     BYTES_HELD_FIELD_NUMBER: _ClassVar[int]
     INITIALIZER_JSON_FIELD_NUMBER: _ClassVar[int]
+    DYNAMIC_FIELD_NUMBER: _ClassVar[int]
+    TABLE_JSON_FIELD_NUMBER: _ClassVar[int]
+    TABLE_STATS_FIELD_NUMBER: _ClassVar[int]
+    TABLE_VERSION_FIELD_NUMBER: _ClassVar[int]
     name: str
     shape: _containers.RepeatedScalarFieldContainer[int]
     dtype: DType
@@ -163,7 +182,11 @@ class VariableInfo(_message.Message):
     local_rows: int
     bytes_held: int
     initializer_json: str
-    def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., optimizer: _Optional[str] = ..., partition: _Optional[_Union[Partition, str]] = ..., owner_shard: _Optional[int] = ..., local_rows: _Optional[int] = ..., bytes_held: _Optional[int] = ..., initializer_json: _Optional[str] = ...) -> None: ...
+    dynamic: bool
+    table_json: str
+    table_stats: _containers.ScalarMap[str, int]
+    table_version: int
+    def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., optimizer: _Optional[str] = ..., partition: _Optional[_Union[Partition, str]] = ..., owner_shard: _Optional[int] = ..., local_rows: _Optional[int] = ..., bytes_held: _Optional[int] = ..., initializer_json: _Optional[str] = ..., dynamic: _Optional[bool] = ..., table_json: _Optional[str] = ..., table_stats: _Optional[_Mapping[str, int]] = ..., table_version: _Optional[int] = ...) -> None: ...
 
 class DescribeVariableRequest(_message.Message):
     __slots__ = ("name",)
@@ -182,7 +205,7 @@ class ListVariablesResponse(_message.Message):
     def __init__(self, variables: _Optional[_Iterable[_Union[VariableInfo, _Mapping]]] = ...) -> None: ...
 
 class PullRequest(_message.Message):
-    __slots__ = ("variable", "ids", "slot", "row_start", "row_stop", "min_iterations", "timeout_seconds", "worker_id")
+    __slots__ = ("variable", "ids", "slot", "row_start", "row_stop", "min_iterations", "timeout_seconds", "worker_id", "since_step")
     VARIABLE_FIELD_NUMBER: _ClassVar[int]
     IDS_FIELD_NUMBER: _ClassVar[int]
     SLOT_FIELD_NUMBER: _ClassVar[int]
@@ -191,6 +214,7 @@ class PullRequest(_message.Message):
     MIN_ITERATIONS_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    SINCE_STEP_FIELD_NUMBER: _ClassVar[int]
     variable: str
     ids: Tensor
     slot: str
@@ -199,7 +223,8 @@ class PullRequest(_message.Message):
     min_iterations: int
     timeout_seconds: float
     worker_id: str
-    def __init__(self, variable: _Optional[str] = ..., ids: _Optional[_Union[Tensor, _Mapping]] = ..., slot: _Optional[str] = ..., row_start: _Optional[int] = ..., row_stop: _Optional[int] = ..., min_iterations: _Optional[int] = ..., timeout_seconds: _Optional[float] = ..., worker_id: _Optional[str] = ...) -> None: ...
+    since_step: int
+    def __init__(self, variable: _Optional[str] = ..., ids: _Optional[_Union[Tensor, _Mapping]] = ..., slot: _Optional[str] = ..., row_start: _Optional[int] = ..., row_stop: _Optional[int] = ..., min_iterations: _Optional[int] = ..., timeout_seconds: _Optional[float] = ..., worker_id: _Optional[str] = ..., since_step: _Optional[int] = ...) -> None: ...
 
 class PullResponse(_message.Message):
     __slots__ = ("values", "ids", "iterations")
@@ -381,7 +406,14 @@ class ServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("version", "backend", "device", "shard_index", "num_shards", "cluster", "instance_id", "data_port", "data_tls")
+    __slots__ = ("version", "backend", "device", "shard_index", "num_shards", "cluster", "instance_id", "data_port", "data_tls", "live_rows")
+    class LiveRowsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     VERSION_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -391,6 +423,7 @@ class ServerInfo(_message.Message):
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     DATA_PORT_FIELD_NUMBER: _ClassVar[int]
     DATA_TLS_FIELD_NUMBER: _ClassVar[int]
+    LIVE_ROWS_FIELD_NUMBER: _ClassVar[int]
     version: str
     backend: str
     device: str
@@ -400,13 +433,33 @@ class ServerInfo(_message.Message):
     instance_id: str
     data_port: int
     data_tls: bool
-    def __init__(self, version: _Optional[str] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., shard_index: _Optional[int] = ..., num_shards: _Optional[int] = ..., cluster: _Optional[_Iterable[str]] = ..., instance_id: _Optional[str] = ..., data_port: _Optional[int] = ..., data_tls: _Optional[bool] = ...) -> None: ...
+    live_rows: _containers.ScalarMap[str, int]
+    def __init__(self, version: _Optional[str] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., shard_index: _Optional[int] = ..., num_shards: _Optional[int] = ..., cluster: _Optional[_Iterable[str]] = ..., instance_id: _Optional[str] = ..., data_port: _Optional[int] = ..., data_tls: _Optional[bool] = ..., live_rows: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class CheckpointRequest(_message.Message):
     __slots__ = ("path",)
     PATH_FIELD_NUMBER: _ClassVar[int]
     path: str
     def __init__(self, path: _Optional[str] = ...) -> None: ...
+
+class EvictRequest(_message.Message):
+    __slots__ = ("variable",)
+    VARIABLE_FIELD_NUMBER: _ClassVar[int]
+    variable: str
+    def __init__(self, variable: _Optional[str] = ...) -> None: ...
+
+class EvictResponse(_message.Message):
+    __slots__ = ("evicted",)
+    class EvictedEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    EVICTED_FIELD_NUMBER: _ClassVar[int]
+    evicted: _containers.ScalarMap[str, int]
+    def __init__(self, evicted: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class CheckpointResponse(_message.Message):
     __slots__ = ("path", "bytes", "iterations")

@@ -114,6 +114,11 @@ class ParameterServerStub:
                 request_serializer=sparseps_dot_proto_dot_sparseps__pb2.SyncCommitRequest.SerializeToString,
                 response_deserializer=sparseps_dot_proto_dot_sparseps__pb2.SyncCommitResponse.FromString,
                 _registered_method=True)
+        self.Evict = channel.unary_unary(
+                '/sparseps.v1.ParameterServer/Evict',
+                request_serializer=sparseps_dot_proto_dot_sparseps__pb2.EvictRequest.SerializeToString,
+                response_deserializer=sparseps_dot_proto_dot_sparseps__pb2.EvictResponse.FromString,
+                _registered_method=True)
 
 
 class ParameterServerServicer:
@@ -218,6 +223,12 @@ class ParameterServerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Evict(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ParameterServerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -300,6 +311,11 @@ def add_ParameterServerServicer_to_server(servicer, server):
                     servicer.SyncCommit,
                     request_deserializer=sparseps_dot_proto_dot_sparseps__pb2.SyncCommitRequest.FromString,
                     response_serializer=sparseps_dot_proto_dot_sparseps__pb2.SyncCommitResponse.SerializeToString,
+            ),
+            'Evict': grpc.unary_unary_rpc_method_handler(
+                    servicer.Evict,
+                    request_deserializer=sparseps_dot_proto_dot_sparseps__pb2.EvictRequest.FromString,
+                    response_serializer=sparseps_dot_proto_dot_sparseps__pb2.EvictResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -734,6 +750,33 @@ class ParameterServer:
             '/sparseps.v1.ParameterServer/SyncCommit',
             sparseps_dot_proto_dot_sparseps__pb2.SyncCommitRequest.SerializeToString,
             sparseps_dot_proto_dot_sparseps__pb2.SyncCommitResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Evict(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sparseps.v1.ParameterServer/Evict',
+            sparseps_dot_proto_dot_sparseps__pb2.EvictRequest.SerializeToString,
+            sparseps_dot_proto_dot_sparseps__pb2.EvictResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -7,7 +7,9 @@ as `ckpt-<number>.tmp`, every file fsynced, then renamed: a crash leaves either 
 checkpoints or the new one, never a half-written checkpoint that looks complete.
 
 A restore may come from a cluster with a different number of shards: pass the checkpoints of all
-old shards and each new shard keeps the rows its new layout assigns to it.
+old shards and each new shard keeps the rows its new layout assigns to it. A dynamic variable
+stores the keys of its live rows as `ids`, with each row's last update (step, second) and its
+admission sketch; its keys are routed again by hash on load.
 """
 import json
 import os
@@ -19,7 +21,7 @@ import zlib
 import numpy as np
 
 from sparseps.errors import FailedPrecondition, InvalidArgument
-from sparseps.partition import Layout
+from sparseps.partition import Layout, key_shard
 
 from .wal import fsync_path
 
@@ -44,6 +46,17 @@ def snapshot(shard) -> dict:
     bk = shard.bk
     variables = []
     for var in shard.variables.values():
+        if var.table is not None:
+            t, pos = var.table, np.arange(var.table.live, dtype=np.int64)
+            variables.append({
+                "name": var.name, "shape": list(var.shape), "dtype": var.dtype.name, "optimizer": var.optimizer,
+                "partition": "hash", "owner": 0, "initializer_json": var.initializer_json,
+                "dynamic": True, "table_json": var.table_json, "stats": dict(t.stats),
+                "ids": t.keys[:t.live].copy(), "value": bk.to_numpy(var.value, pos),
+                "slots": {name: bk.to_numpy(arr, pos) for name, arr in var.slots.items()},
+                "steps": t.step[:t.live].copy(), "when": t.when[:t.live].copy(),
+                "sketch": t.sketch.copy() if t.sketch is not None else None})
+            continue
         variables.append({
             "name": var.name, "shape": list(var.shape), "dtype": var.dtype.name, "optimizer": var.optimizer,
             "partition": var.layout.strategy, "owner": var.layout.owner, "initializer_json": var.initializer_json,
@@ -82,6 +95,10 @@ def write(snap: dict, directory: str, extra: dict) -> tuple:
         entry["ids"] = put(f"v{i}.ids.npy", v["ids"])
         entry["value"] = put(f"v{i}.value.npy", v["value"])
         entry["slots"] = {s: put(f"v{i}.slot.{s}.npy", a) for s, a in v["slots"].items()}
+        if v.get("dynamic"):
+            entry.update(dynamic=True, table_json=v["table_json"], stats=v["stats"],
+                         steps=put(f"v{i}.steps.npy", v["steps"]), when=put(f"v{i}.when.npy", v["when"]),
+                         sketch=put(f"v{i}.sketch.npy", v["sketch"]) if v["sketch"] is not None else None)
         manifest_vars.append(entry)
     manifest = {"format": FORMAT, "created": time.time(), "shard_index": snap["shard_index"],
                 "num_shards": snap["num_shards"], "variables": manifest_vars, "optimizers": snap["optimizers"],
@@ -126,7 +143,11 @@ def restore(shard, paths: list) -> dict:
         state.nonslot.update(o["nonslot"])
         state.slot_order = [[tuple(e) for e in g] for g in o["slot_order"]]
         state.variables = []
+    same = len(manifests) == 1 and first["shard_index"] == shard.index and first["num_shards"] == shard.num_shards
     for vi, v in enumerate(first["variables"]):
+        if v.get("dynamic"):
+            _restore_dynamic(shard, v, manifests, same)
+            continue
         layout = Layout(v["shape"][0], shard.num_shards, v["partition"], v["owner"] % shard.num_shards)
         want = layout.global_ids(shard.index)
         local_shape = (len(want),) + tuple(v["shape"][1:])
@@ -154,8 +175,33 @@ def restore(shard, paths: list) -> dict:
                                     v["owner"] % shard.num_shards, v["initializer_json"], value)
         for s, arr in slots.items():
             var.slots[s] = shard.bk.from_numpy(arr, v["dtype"])
-    same = len(manifests) == 1 and first["shard_index"] == shard.index and first["num_shards"] == shard.num_shards
     return first.get("extra", {}) if same else {}
+
+
+def _restore_dynamic(shard, v, manifests, same: bool):
+    """A dynamic variable's rows whose keys route to this shard, from every old shard's checkpoint."""
+    var = shard.create_variable(v["name"], v["shape"], v["dtype"], v["optimizer"], "hash", 0, v["initializer_json"],
+                                None, True, v["table_json"])
+    parts = {"ids": [], "value": [], "steps": [], "when": [], **{f"slot.{s}": [] for s in v["slots"]}}
+    sketch = None
+    for p, m in manifests:
+        mv = next((x for x in m["variables"] if x["name"] == v["name"]), None)
+        if mv is None or not mv.get("dynamic"):
+            raise InvalidArgument(f"{p}: dynamic variable {v['name']!r} is missing from this checkpoint")
+        keys = np.load(os.path.join(p, mv["ids"]))
+        mine = key_shard(keys, shard.num_shards) == shard.index
+        parts["ids"].append(keys[mine])
+        for part, fname in [("value", mv["value"]), ("steps", mv["steps"]), ("when", mv["when"])] + \
+                [(f"slot.{s}", mv["slots"][s]) for s in v["slots"]]:
+            parts[part].append(np.load(os.path.join(p, fname), mmap_mode="r")[mine])
+        if mv.get("sketch"):   # count-min sketches add up: a merged one still never under-counts
+            sk = np.load(os.path.join(p, mv["sketch"])).astype(np.uint32)
+            sketch = sk if sketch is None else sketch + sk
+    joined = {k: np.concatenate(a) if a else None for k, a in parts.items()}
+    shard.load_rows(var, joined["ids"], joined["value"], {s: joined[f"slot.{s}"] for s in v["slots"]},
+                    joined["steps"], joined["when"],
+                    np.minimum(sketch, 65534).astype(np.uint16) if sketch is not None else None,
+                    v.get("stats") if same else None)
 
 
 class Checkpoints:

@@ -1,11 +1,11 @@
 """The data-plane transport: Pull, Push and PushPull as frames on a plain TCP (or TLS) socket.
 
 Same requests, same checks, same state changes and same status codes as the gRPC methods
-(service.py does the work); only the bytes move differently: a request's rows are received
-straight into one numpy buffer and an answer's rows go to the kernel without being copied into
-a protobuf (client/frames.py has the format). One thread per connection; a client keeps a few
-connections per shard. Tokens (a HELLO frame first), roles, TLS and the memory budget apply as
-on the gRPC port.
+(service.py does the work, wire.py the conversions); only the bytes move differently: a request's
+rows are received straight into one numpy buffer and an answer's rows go to the kernel without
+being copied into a protobuf (client/frames.py has the format). One thread per connection; a
+client keeps a few connections per shard. Tokens (a HELLO frame first), roles, TLS and the memory
+budget apply as on the gRPC port.
 """
 import logging
 import os
@@ -22,10 +22,10 @@ from sparseps import errors, frames
 from sparseps.proto import sparseps_pb2 as pb
 from sparseps.tensors import elements
 
+from . import wire
 from .auth import METHOD_ROLES, RANK
 from .limits import pull_answer_bytes, pull_waits
-from .pushes import frame_record, gradients_of
-from .service import _clip
+from .pushes import frame_record
 
 log = logging.getLogger("sparseps.server")
 
@@ -249,7 +249,7 @@ class DataPlane:
             n = sum(1 for _ in frames.tensors(push))
             record = frame_record(push, payload[:spec[n][2]] if n < len(spec) else payload)
         it = iter(arrays)
-        grads = gradients_of(push, it)
+        grads = wire.gradients_of(push, it)
         if method == frames.PUSH:
             return svc.push(request, grads, record), []
         pull_ids = [next(it) if q.HasField("ids") else None for q in request.pulls]
@@ -322,7 +322,7 @@ class DataPlane:
 
     @staticmethod
     def _error(sock, method, code, message):
-        frames.send_frame(sock, method, code.value[0], _clip(message).encode("utf-8"))
+        frames.send_frame(sock, method, code.value[0], wire.clip_message(message).encode("utf-8"))
 
 
 def _pull_answer(resp: "pb.PullResponse", values, gids, iterations) -> tuple:

@@ -11,6 +11,7 @@ import math
 import numpy as np
 
 from sparseps.errors import InvalidArgument
+from sparseps.partition import splitmix64
 
 BLOCK = 4096
 
@@ -122,3 +123,122 @@ def make(initializer_json: str, shape, dtype, global_ids: np.ndarray, name: str)
         sel = blocks == b
         out[sel] = block[global_ids[sel] - start]
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Dynamic tables: a row's initial value is a pure function of (seed, key, initializer config).
+#
+# Element j of the row of `key` draws from the counter-based stream
+#     x(key, i) = splitmix64(splitmix64(seed) ^ splitmix64(key) + i * 0x9E3779B97F4A7C15)
+#     u(key, i) = (x >> 11) * 2**-53                       (uniform in [0, 1), 53 bits)
+# uniform:  minval + (maxval - minval) * u(key, j)
+# normal:   Box-Muller, z = sqrt(-2 ln(1 - u(key, 2j))) * cos(2 pi u(key, 2j + 1))
+# truncated normal: the first of z(key, j), z(key, j + D), z(key, j + 2D), ... with |z| <= 2
+# No table size, shard count, order of arrival or restart changes a key's value. The
+# variance-scaling family takes fan_in = fan_out = the row width (a dynamic table has no row
+# count to take a fan from).
+# ---------------------------------------------------------------------------------------------
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _uniform(base: np.ndarray, counters: np.ndarray) -> np.ndarray:
+    """u(key, i) for base (n, 1) uint64 and counters (m,) -> (n, m) float64 in [0, 1)."""
+    x = splitmix64(base + counters.astype(np.uint64)[None, :] * _GOLDEN)
+    return (x >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+def _normal(base, counters):
+    u1, u2 = _uniform(base, 2 * counters), _uniform(base, 2 * counters + 1)
+    return np.sqrt(-2.0 * np.log1p(-u1)) * np.cos(2.0 * np.pi * u2)
+
+
+def _truncated_keys(base, width):
+    out = _normal(base, np.arange(width))
+    attempt = 1
+    bad = np.abs(out) > 2
+    while bad.any():   # redraw only the rejected elements, each from its own next counter
+        rows, cols = np.nonzero(bad)
+        out[rows, cols] = _normal_pairs(base[rows, 0], cols + attempt * width)
+        attempt += 1
+        bad = np.abs(out) > 2
+    return out
+
+
+def _normal_pairs(base: np.ndarray, counters: np.ndarray) -> np.ndarray:
+    """z(key_i, counter_i) elementwise for 1-D base and counters."""
+    c = counters.astype(np.uint64)
+    u1 = (splitmix64(base + (2 * c) * _GOLDEN) >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+    u2 = (splitmix64(base + (2 * c + np.uint64(1)) * _GOLDEN) >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+    return np.sqrt(-2.0 * np.log1p(-u1)) * np.cos(2.0 * np.pi * u2)
+
+
+def parse(initializer_json: str, name: str):
+    """(kind, config) of an initializer, or ("Zeros", {}) when there is none."""
+    if not initializer_json:
+        return "Zeros", {}
+    try:
+        obj = json.loads(initializer_json)
+    except ValueError as e:
+        raise InvalidArgument(f"variable {name!r}: initializer is not valid JSON: {e}") from None
+    if isinstance(obj, str):
+        obj = {"class_name": obj, "config": {}}
+    if not isinstance(obj, dict) or not isinstance(obj.get("class_name"), str):
+        raise InvalidArgument(f"variable {name!r}: initializer must be {{'class_name': ..., 'config': {{...}}}}")
+    kind = obj["class_name"].split(">")[-1]
+    kind = {"zeros": "Zeros", "ones": "Ones", "random_normal": "RandomNormal", "random_uniform": "RandomUniform",
+            "truncated_normal": "TruncatedNormal", "glorot_uniform": "GlorotUniform",
+            "glorot_normal": "GlorotNormal", "he_normal": "HeNormal", "he_uniform": "HeUniform"}.get(kind, kind)
+    cfg = obj.get("config") or {}
+    if not isinstance(cfg, dict):
+        raise InvalidArgument(f"variable {name!r}: initializer config must be an object")
+    if kind not in KINDS:
+        raise InvalidArgument(f"variable {name!r}: unknown initializer {obj['class_name']!r}; supported: {list(KINDS)}")
+    return kind, cfg
+
+
+def for_keys(initializer_json: str, row_shape, dtype, keys: np.ndarray, name: str) -> np.ndarray:
+    """Initial rows of a dynamic table's keys: (len(keys),) + row_shape, a pure function of each key."""
+    kind, cfg = parse(initializer_json, name)
+    row_shape = tuple(row_shape)
+    shape = (len(keys),) + row_shape
+    if kind in ("Zeros", "Ones", "Constant"):
+        value = {"Zeros": 0.0, "Ones": 1.0}.get(kind, cfg.get("value", 0.0))
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise InvalidArgument(f"variable {name!r}: Constant initializer value must be a number, got {value!r}")
+        return np.full(shape, value, dtype)
+    seed = cfg.get("seed")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise InvalidArgument(f"variable {name!r}: random initializer {kind} needs a non-negative integer seed "
+                              f"(the client fills one in so that every shard agrees), got {seed!r}")
+    width = int(np.prod(row_shape, dtype=np.int64))
+    base = (splitmix64(np.uint64(seed % (1 << 64))) ^ splitmix64(np.asarray(keys, np.int64).view(np.uint64)))[:, None]
+    counters = np.arange(width)
+    if kind == "RandomUniform":
+        lo, hi = float(cfg.get("minval", -0.05)), float(cfg.get("maxval", 0.05))
+        out = lo + (hi - lo) * _uniform(base, counters)
+    elif kind == "RandomNormal":
+        out = float(cfg.get("mean", 0.0)) + float(cfg.get("stddev", 0.05)) * _normal(base, counters)
+    elif kind == "TruncatedNormal":
+        out = float(cfg.get("mean", 0.0)) + float(cfg.get("stddev", 0.05)) * _truncated_keys(base, width)
+    else:
+        scale, mode, dist = _SCALING[kind] if kind in _SCALING else (
+            float(cfg.get("scale", 1.0)), cfg.get("mode", "fan_in"), cfg.get("distribution", "truncated_normal"))
+        if mode not in ("fan_in", "fan_out", "fan_avg"):
+            raise InvalidArgument(f"initializer {kind}: unknown mode {mode!r}")
+        var = scale / max(1.0, float(width))
+        if dist == "uniform":
+            limit = math.sqrt(3.0 * var)
+            out = -limit + 2 * limit * _uniform(base, counters)
+        elif dist == "truncated_normal":
+            out = math.sqrt(var) / 0.87962566103423978 * _truncated_keys(base, width)
+        elif dist in ("normal", "untruncated_normal"):
+            out = math.sqrt(var) * _normal(base, counters)
+        else:
+            raise InvalidArgument(f"initializer {kind}: unknown distribution {dist!r}")
+    with np.errstate(over="ignore"):
+        return out.reshape(shape).astype(dtype)
+
+
+_SCALING = {"GlorotUniform": (1.0, "fan_avg", "uniform"), "GlorotNormal": (1.0, "fan_avg", "truncated_normal"),
+            "HeUniform": (2.0, "fan_in", "uniform"), "HeNormal": (2.0, "fan_in", "truncated_normal"),
+            "LecunUniform": (1.0, "fan_in", "uniform"), "LecunNormal": (1.0, "fan_in", "truncated_normal")}

@@ -153,7 +153,8 @@ def pull_answer_bytes(shard, variable: str, rows: int | None, row_start: int = 0
     if rows is None:   # a range holds at most its length of this shard's rows
         rows = var.local_rows
         if row_start or row_stop:
-            rows = min(rows, max(0, (row_stop or var.shape[0]) - row_start))
+            end = row_stop or (var.local_rows if var.table is not None else var.shape[0])   # dynamic: positions
+            rows = min(rows, max(0, end - row_start))
     rows = min(max(0, rows), 1 << 40)
     return rows * (row + 8)
 

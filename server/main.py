@@ -28,9 +28,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sparseps-server", description=__doc__.splitlines()[0])
     p.add_argument("--host", default=_env("host", "127.0.0.1"), help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=int(_env("port", 50051)), help="gRPC port (0 = pick a free one)")
-    p.add_argument("--backend", default=_env("backend", "auto"), choices=["auto", "numba", "numpy", "tensorflow"],
-                   help="auto: tensorflow on a GPU machine, numba on CPU")
-    p.add_argument("--device", default=_env("device", None), help="TensorFlow device, e.g. /GPU:0")
+    p.add_argument("--backend", default=_env("backend", "auto"), choices=["auto", "numba", "numpy", "tensorflow", "cuda"],
+                   help="auto: cuda when numba sees a CUDA device, else tensorflow on a GPU machine, numba on CPU")
+    p.add_argument("--device", default=_env("device", None),
+                   help="TensorFlow device, e.g. /GPU:0; for --backend cuda the device index (cuda:N or N)")
+    p.add_argument("--device-memory-budget-mb", type=int, default=int(_env("device_memory_budget_mb", 0)),
+                   help="--backend cuda: device memory the tables and slots may hold; a variable that would "
+                        "pass it is refused with RESOURCE_EXHAUSTED (default 0 = what the device has free at "
+                        "start, less 1 GiB)")
     p.add_argument("--max-message-mb", type=int, default=int(_env("max_message_mb", 256)),
                    help="largest request or response in MiB (default 256)")
     p.add_argument("--shard-index", type=int, default=int(_env("shard_index", 0)))
@@ -81,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
 def open_pipeline(shard, args):
     """The push pipeline; with --data-dir: restore the latest checkpoint, replay the log after it."""
     from . import checkpoint, sync
-    from .pushes import PeriodicCheckpoints, PushPipeline
+    from .pushes import PeriodicCheckpoints, PeriodicEviction, PushPipeline
     from .wal import WriteAheadLog
 
     if not args.data_dir:
@@ -90,6 +95,7 @@ def open_pipeline(shard, args):
         pipeline = PushPipeline(shard)
         sync.attach(pipeline, args)   # sync / bounded consistency (server/sync.py)
         pipeline.periodic = None
+        pipeline.evictor = PeriodicEviction(pipeline)
         return pipeline
     os.makedirs(args.data_dir, exist_ok=True)
     wal = WriteAheadLog(os.path.join(args.data_dir, "wal"), args.wal_sync, args.wal_group_ms)
@@ -121,6 +127,7 @@ def open_pipeline(shard, args):
         log.info("replayed %d pushes from the write-ahead log", replayed)
     pipeline.sync.start()   # the coordinator finishes any sync step it decided before a restart
     pipeline.periodic = PeriodicCheckpoints(pipeline, args.checkpoint_every_steps, args.checkpoint_every_seconds)
+    pipeline.evictor = PeriodicEviction(pipeline)
     return pipeline
 
 
@@ -203,7 +210,7 @@ def serve(args, ready: threading.Event | None = None):
         raise SystemExit(f"--shard-index {args.shard_index} is not in 0..{num_shards - 1}")
     if cluster and len(cluster) != num_shards:
         raise SystemExit(f"--cluster lists {len(cluster)} addresses but --num-shards is {num_shards}")
-    bk = backends.create(args.backend, args.device)
+    bk = backends.create(args.backend, args.device, args.device_memory_budget_mb << 20 or None)
     limit = args.max_message_mb << 20
     # a pull's answer must fit in one message (float32 elements; float64 answers are checked when built)
     shard = Shard(bk, args.shard_index, num_shards, allow_nonfinite=args.allow_nonfinite,
@@ -290,6 +297,7 @@ def main(argv=None):
     pipeline = server.pipeline
     if pipeline.periodic is not None:
         pipeline.periodic.stop()
+    pipeline.evictor.stop()
     if pipeline.checkpoints is not None:
         try:
             path, nbytes, _ = pipeline.checkpoints.save()

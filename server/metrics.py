@@ -26,6 +26,9 @@ What is measured where (every name starts with `sparseps_`; every series has a `
   memory_budget_bytes, memory_budget_in_use_bytes    gauge  --memory-budget-mb, and the bytes of the
                                                    requests (and pull answers) admitted and not yet done
   requests_shed_total                   counter    requests refused because they would exceed the budget
+  device_memory_bytes{device}, device_memory_budget_bytes{device}  gauge  --backend cuda: device
+                                                   memory held by tables, slots and transfer buffers,
+                                                   and its budget (--device-memory-budget-mb)
 plus the standard process_* metrics (CPU, resident memory, open files).
 
 Label cardinality is bounded: the first `max_variables` variable names (and `max_optimizers`
@@ -291,6 +294,38 @@ class _ShardCollector:
                                  labels=["shard", "num_shards", "backend", "device", "version"])
         info.add_metric([sl, str(shard.num_shards), shard.bk.name, str(shard.bk.device), VERSION], 1)
         out = [its, rows, nbytes, count, info]
+        live = GaugeMetricFamily("sparseps_table_live_rows", "Live rows of each dynamic variable on this shard",
+                                 labels=["shard", "variable"])
+        events = CounterMetricFamily(
+            "sparseps_table_rows", "Rows of dynamic variables by event: created, admitted (created by a push that "
+            "passed admission), evicted, refused_admission (keys of a push not admitted yet: their gradient "
+            "dropped), refused_capacity (keys a full table refused)", labels=["shard", "variable", "event"])
+        per_table: dict[str, dict] = {}
+        for var in list(shard.variables.values()):
+            if var.table is not None:
+                acc = per_table.setdefault(m.variable_label(var.name), {"live_rows": 0})
+                acc["live_rows"] += var.table.live
+                for k, v in var.table.stats.items():
+                    acc[k] = acc.get(k, 0) + v
+        for label, acc in per_table.items():
+            live.add_metric([sl, label], acc.pop("live_rows"))
+            for event, value in acc.items():
+                events.add_metric([sl, label, event], value)
+        out += [live, events]
+        device_memory = getattr(shard.bk, "device_memory", None)
+        if device_memory is not None:
+            dm = device_memory()
+            used = GaugeMetricFamily("sparseps_device_memory_bytes",
+                                     "Device memory held by this shard's tables, slots and transfer buffers",
+                                     labels=["shard", "device"])
+            used.add_metric([sl, dm["device"]], dm["in_use"])
+            out.append(used)
+            if dm["budget"] is not None:
+                cap = GaugeMetricFamily("sparseps_device_memory_budget_bytes",
+                                        "Device memory the shard may hold (--device-memory-budget-mb)",
+                                        labels=["shard", "device"])
+                cap.add_metric([sl, dm["device"]], dm["budget"])
+                out.append(cap)
         b = m.budget
         if b is not None:
             limit = GaugeMetricFamily("sparseps_memory_budget_bytes", "The memory budget (--memory-budget-mb)",

@@ -18,7 +18,9 @@ import numpy as np
 
 from sparseps import errors, frames
 from sparseps.proto import sparseps_pb2 as pb
-from sparseps.tensors import DTYPE_NAMES, from_tensor
+
+from . import wire
+from .wal import seal
 
 log = logging.getLogger("sparseps.server")
 
@@ -28,6 +30,9 @@ MAX_CLIENTS = 20_000   # remembered clients (least recently used forgotten first
 
 # Log record kinds: the first byte of each write-ahead-log payload.
 PUSH, CREATE_OPTIMIZER, CREATE_VARIABLE, SET_WEIGHTS = b"P", b"O", b"V", b"W"
+# An eviction of a dynamic variable's rows: [u32 name length][name utf-8][int64 keys], the keys it
+# removed (an age policy depends on the clock, so replay removes the logged keys, not "the old ones").
+EVICT = b"E"
 # A data-plane push: [u32 length of the PushRequest][the PushRequest, tensors without bytes][the
 # tensors' bytes in frames.tensors() order], logged from the received buffer without re-encoding.
 FRAME_PUSH = b"F"
@@ -40,21 +45,6 @@ def frame_record(request: "pb.PushRequest", payload) -> list:
     return [FRAME_PUSH + _U32.pack(len(meta)) + meta, payload]
 
 
-def gradients_of(request: "pb.PushRequest", arrays=None) -> list:
-    """[(variable, ids or None, values, l2sum or None)] of a push; `arrays`: its tensors' data as
-    arrays in frames.tensors() order (a data-plane payload) instead of the Tensors' bytes."""
-    grads = []
-    for g in request.gradients:
-        if arrays is not None:
-            ids = next(arrays) if g.HasField("ids") else None
-            values = next(arrays)
-        else:
-            ids = from_tensor(g.ids, f"push ids of {g.variable!r}") if g.HasField("ids") else None
-            values = from_tensor(g.values, f"push values of {g.variable!r}")
-        grads.append((g.variable, ids, values, g.l2sum if g.HasField("l2sum") else None))
-    return grads
-
-
 def _frame_request(payload: bytes):
     """(PushRequest, its tensors as arrays) of a FRAME_PUSH record's payload."""
     n = _U32.unpack_from(payload, 0)[0]
@@ -64,28 +54,16 @@ def _frame_request(payload: bytes):
 
 
 def _create_optimizer(shard, request):
-    from .service import consistency_from_wire
-    return shard.create_optimizer(request.name, request.config_json, consistency_from_wire(request.consistency))
+    return shard.create_optimizer(request.name, request.config_json, wire.consistency_from_wire(request.consistency))
 
 
 def _create_variable(shard, request):
-    from .service import PARTITION_FROM_WIRE
-    if DTYPE_NAMES.get(request.dtype) not in ("float32", "float64"):
-        raise errors.InvalidArgument(f"variable {request.name!r}: dtype must be FLOAT32 or FLOAT64")
-    partition = PARTITION_FROM_WIRE.get(request.partition, "mod" if len(request.shape) > 1 else "whole")
-    initial = from_tensor(request.initial_value, f"initial value of {request.name!r}") \
-        if request.HasField("initial_value") else None
-    return shard.create_variable(request.name, request.shape, DTYPE_NAMES[request.dtype], request.optimizer,
-                                 partition, request.owner_shard, request.initializer_json, initial)
+    return shard.create_variable(**wire.variable_spec(request))
 
 
 def _set_weights(shard, request):
-    writes = []
-    for w in request.writes:
-        ids = from_tensor(w.ids, "set_weights ids") if w.HasField("ids") else None
-        writes.append((w.variable, w.slot, ids, from_tensor(w.values, "set_weights values")))
     return shard.set_weights(request.optimizer or None, request.iterations if request.set_iterations else None,
-                             writes, dict(request.nonslot))
+                             wire.weight_writes(request), dict(request.nonslot))
 
 
 ADMIN = {  # request type -> (log kind, how it changes the shard)
@@ -156,11 +134,6 @@ class PushPipeline:
             if floor:
                 self.floors[c] = floor
 
-    @staticmethod
-    def _response(iterations: dict, duplicate=False) -> "pb.PushResponse":
-        return pb.PushResponse(duplicate=duplicate, iterations=[
-            pb.OptimizerIterations(optimizer=k, iterations=v) for k, v in iterations.items()])
-
     # ------------------------------------------------------------------ the push path
     def push(self, request, gradients, received: float, record=None, then=None) -> "pb.PushResponse":
         """record: the log record's parts when the caller has them (a data-plane push, frame_record);
@@ -177,7 +150,6 @@ class PushPipeline:
             return self.sync.push(request, by_opt, received)
         sealed = None
         if self.wal is not None:   # encoded and checksummed before the lock
-            from .wal import seal
             sealed = seal(*(record if record is not None else [PUSH + request.SerializeToString()]))
         queued = time.perf_counter()
         with self.shard.lock:
@@ -210,7 +182,7 @@ class PushPipeline:
                                    acked=time.perf_counter())
         if failed is not None:
             raise failed
-        return self._response(iterations)
+        return wire.push_response(iterations)
 
     def _duplicate(self, hit):
         lsn, iterations = hit
@@ -218,7 +190,7 @@ class PushPipeline:
             self.wal.wait_durable(lsn)   # the first answer may still be waiting for its fsync
         if self.metrics is not None:
             self.metrics.duplicate()
-        return self._response(iterations, duplicate=True)
+        return wire.push_response(iterations, duplicate=True)
 
     def apply_logged(self, request: "pb.PushRequest", by_opt) -> dict:
         """Apply an already validated step (e.g. an aggregated sync step) through the log."""
@@ -240,6 +212,21 @@ class PushPipeline:
             self.wal.wait_durable(lsn)
         return result
 
+    def evict(self, variable: str | None = None) -> dict:
+        """Run the age eviction of dynamic variables now; each removal is logged with its keys.
+        Returns {variable: rows removed}."""
+        lsn = 0
+        with self.shard.lock:
+            removed = self.shard.aged(variable)
+            for name, keys in removed.items():   # logged before the rows go
+                if self.wal is not None:
+                    raw = name.encode()
+                    lsn = self.wal.append(EVICT + _U32.pack(len(raw)) + raw + np.ascontiguousarray(keys, "<i8").tobytes())
+                self.shard.evict_keys(name, keys)
+        if lsn:
+            self.wal.wait_durable(lsn)
+        return {name: len(keys) for name, keys in removed.items()}
+
     # ------------------------------------------------------------------ recovery
     def replay(self, after_lsn: int) -> int:
         """Re-apply every logged push after the checkpoint; returns how many."""
@@ -248,10 +235,14 @@ class PushPipeline:
             kind, payload = payload[:1], payload[1:]
             if kind == FRAME_PUSH:
                 request, arrays = _frame_request(payload)
-                grads = gradients_of(request, arrays)
+                grads = wire.gradients_of(request, arrays)
             elif kind == PUSH:
                 request = pb.PushRequest.FromString(payload)
-                grads = gradients_of(request)
+                grads = wire.gradients_of(request)
+            elif kind == EVICT:
+                n = _U32.unpack_from(payload, 0)[0]
+                self.shard.evict_keys(payload[4:4 + n].decode(), np.frombuffer(payload, np.int64, offset=4 + n))
+                continue
             else:
                 cls, fn = KINDS[kind]
                 fn(self.shard, cls.FromString(payload))
@@ -293,6 +284,37 @@ class PushPipeline:
                 raise errors.DeadlineExceeded(
                     f"pull of {variable!r}: optimizer {opt.name!r} is at step {opt.iterations}, "
                     f"still short of {min_iterations} after {timeout} s")
+
+
+class PeriodicEviction:
+    """Runs each dynamic variable's age eviction every `interval_seconds` of its policy."""
+
+    def __init__(self, pipeline: PushPipeline, tick: float = 0.5):
+        self.pipeline, self.tick = pipeline, tick
+        self._stop = threading.Event()
+        self._last: dict[str, float] = {}
+        self._thread = threading.Thread(target=self._run, name="evictor", daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.wait(self.tick):
+            now = time.monotonic()
+            for name, var in list(self.pipeline.shard.variables.items()):
+                pol = var.table.policy if var.table is not None else None
+                if pol is None or not pol.ages:
+                    continue
+                last = self._last.setdefault(name, now)
+                if now - last < pol.interval_seconds:
+                    continue
+                self._last[name] = now
+                try:
+                    self.pipeline.evict(name)
+                except Exception:   # e.g. the log failing: try again next interval
+                    log.exception("scheduled eviction of %r failed; the shard keeps serving", name)
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join(10)
 
 
 class PeriodicCheckpoints:

@@ -4,7 +4,6 @@ Nothing here owns state. Decoding (bytes -> numpy views) happens outside the sha
 several requests can be received and checked while one step is being applied.
 """
 import contextlib
-import json
 import logging
 import math
 import threading
@@ -14,48 +13,15 @@ import grpc
 import numpy as np
 
 from sparseps import errors
-from sparseps.partition import STRATEGIES
 from sparseps.proto import sparseps_pb2 as pb
 from sparseps.proto import sparseps_pb2_grpc as pb_grpc
 from sparseps.tensors import from_tensor, to_tensor
 
+from . import wire
 from .limits import WaitSlots, pull_answer_bytes, pull_waits
-from .pushes import PushPipeline, gradients_of
+from .pushes import PushPipeline
 
 log = logging.getLogger("sparseps.server")
-
-PARTITION_TO_WIRE = {"mod": pb.MOD, "div": pb.DIV, "whole": pb.WHOLE}
-PARTITION_FROM_WIRE = {v: k for k, v in PARTITION_TO_WIRE.items()}
-MODE_NAMES = {pb.CONSISTENCY_UNSPECIFIED: "async", pb.ASYNC: "async", pb.SYNC: "sync", pb.BOUNDED: "bounded"}
-MODE_TO_WIRE = {"async": pb.ASYNC, "sync": pb.SYNC, "bounded": pb.BOUNDED}
-
-
-def consistency_from_wire(c: "pb.Consistency") -> dict:
-    mode = MODE_NAMES.get(c.mode)
-    if mode is None:
-        raise errors.InvalidArgument(f"unknown consistency mode {c.mode}")
-    out = {"mode": mode}
-    if mode == "sync":
-        if c.replicas_to_aggregate <= 0:
-            raise errors.InvalidArgument("sync mode needs replicas_to_aggregate >= 1")
-        total = c.total_num_replicas or c.replicas_to_aggregate
-        if total < c.replicas_to_aggregate:
-            raise errors.InvalidArgument("total_num_replicas must be >= replicas_to_aggregate")
-        out.update(replicas_to_aggregate=c.replicas_to_aggregate, total_num_replicas=total, average=c.average)
-    if mode == "bounded":
-        if c.staleness < 0:
-            raise errors.InvalidArgument("bounded mode needs staleness >= 0")
-        out.update(staleness=c.staleness)
-        if c.total_num_replicas > 0:
-            out.update(total_num_replicas=c.total_num_replicas)   # workers expected (server/sync.py)
-    return out
-
-
-def consistency_to_wire(d: dict) -> "pb.Consistency":
-    return pb.Consistency(mode=MODE_TO_WIRE[d["mode"]], replicas_to_aggregate=d.get("replicas_to_aggregate", 0),
-                          total_num_replicas=d.get("total_num_replicas", 0), average=d.get("average", False),
-                          staleness=d.get("staleness", 0))
-
 
 def _handler(method):
     """Run a servicer method, mapping sparseps errors (and crashes) to gRPC statuses."""
@@ -66,28 +32,23 @@ def _handler(method):
             return method(self, request, context)
         except errors.Error as e:
             self.observe_error(method.__name__, e.code)
-            context.abort(e.code, _clip(e.message))
+            context.abort(e.code, wire.clip_message(e.message))
         except MemoryError as e:
             self.observe_error(method.__name__, grpc.StatusCode.RESOURCE_EXHAUSTED)
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, _clip(f"{method.__name__}: out of memory ({e}); "
-                                                                    "nothing was changed"))
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          wire.clip_message(f"{method.__name__}: out of memory ({e}); nothing was changed"))
         except grpc.RpcError:   # the request stream broke (the client cancelled or went away)
             self.observe_error(method.__name__, grpc.StatusCode.CANCELLED)
             context.abort(grpc.StatusCode.CANCELLED, f"{method.__name__}: the request stream was cancelled")
         except Exception as e:  # a bug: say so instead of crashing the server
             log.exception("%s failed", method.__name__)
             self.observe_error(method.__name__, grpc.StatusCode.INTERNAL)
-            context.abort(grpc.StatusCode.INTERNAL, _clip(f"{type(e).__name__}: {e}"))
+            context.abort(grpc.StatusCode.INTERNAL, wire.clip_message(f"{type(e).__name__}: {e}"))
         finally:
             self.observe_latency(method.__name__, time.perf_counter() - start)
     wrapped.__name__ = method.__name__
     wrapped.__doc__ = method.__doc__
     return wrapped
-
-
-def _clip(message: str, limit: int = 2000) -> str:
-    """Status details travel in a header: keep them short (a 1 MB variable name must not be echoed)."""
-    return message if len(message) <= limit else message[:limit] + f"... [{len(message) - limit} more characters]"
 
 
 MAX_WAIT_SECONDS = 600.0   # the longest a pull may wait for a step (min_iterations / bounded staleness)
@@ -134,44 +95,31 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
                 self.metrics.waiting(method, -1)
 
     # ---- info ----
-    def _optimizer_info(self, opt) -> "pb.OptimizerInfo":
-        return pb.OptimizerInfo(
-            name=opt.name, class_name=opt.impl.class_names[0],
-            config_json=json.dumps({"class_name": opt.impl.class_names[0], "config": opt.impl.get_config()}),
-            iterations=opt.iterations, slot_names=opt.impl.slot_names(), variables=list(opt.variables),
-            consistency=consistency_to_wire(opt.consistency), nonslot_names=list(opt.impl.nonslot_names),
-            weights=opt.impl.weights_entries(opt.weights_order()), nonslot=opt.nonslot)
-
     def _variable_info(self, var) -> "pb.VariableInfo":
-        return pb.VariableInfo(
-            name=var.name, shape=var.shape, dtype=to_tensor(np.zeros(0, var.dtype)).dtype, optimizer=var.optimizer,
-            partition=PARTITION_TO_WIRE[var.layout.strategy], owner_shard=var.layout.owner,
-            local_rows=var.local_rows, bytes_held=self.shard.bytes_held(var), initializer_json=var.initializer_json)
+        return wire.variable_info(var, self.shard.bytes_held(var))
 
     @_handler
     def GetServerInfo(self, request, context):
         s = self.shard
         return pb.ServerInfo(version=_version(), backend=s.bk.name, device=s.bk.device, shard_index=s.index,
                              num_shards=s.num_shards, cluster=self.cluster, instance_id=s.instance_id, data_port=self.data_port,
-                             data_tls=self.data_tls)
+                             data_tls=self.data_tls,
+                             live_rows={n: v.table.live for n, v in list(s.variables.items()) if v.table is not None})
 
     @_handler
     def CreateOptimizer(self, request, context):
-        return self._optimizer_info(self.pushes.admin(request))
+        return wire.optimizer_info(self.pushes.admin(request))
 
     @_handler
     def GetOptimizer(self, request, context):
-        return self._optimizer_info(self.shard.optimizer(request.name))
+        return wire.optimizer_info(self.shard.optimizer(request.name))
 
     @_handler
     def ListOptimizers(self, request, context):
-        return pb.ListOptimizersResponse(optimizers=[self._optimizer_info(o) for o in list(self.shard.optimizers.values())])
+        return pb.ListOptimizersResponse(optimizers=[wire.optimizer_info(o) for o in list(self.shard.optimizers.values())])
 
     @_handler
     def CreateVariable(self, request, context):
-        if request.partition not in PARTITION_FROM_WIRE and request.partition != pb.PARTITION_UNSPECIFIED:
-            raise errors.InvalidArgument(f"variable {request.name!r}: unknown partition {request.partition} "
-                                         "(MOD, DIV or WHOLE)")
         return self._variable_info(self.pushes.admin(request))
 
     @_handler
@@ -182,8 +130,8 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
     def ListVariables(self, request, context):
         return pb.ListVariablesResponse(variables=[self._variable_info(v) for v in list(self.shard.variables.values())])
 
-    def _pull(self, name, ids, slot, row_start, row_stop, what):
-        return self._answer(name, ids, self.shard.pull(name, ids, slot, row_start, row_stop), what)
+    def _pull(self, name, ids, slot, row_start, row_stop, what, since_step=0):
+        return self._answer(name, ids, self.shard.pull(name, ids, slot, row_start, row_stop, since_step), what)
 
     def _answer(self, name, ids, read, what):
         """A read's (values, global ids of a range pull or None, iterations), checked and counted."""
@@ -198,19 +146,11 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
             self.metrics.pulled(name, len(values), values.nbytes)
         return values, (gids if ids is None else None), iterations
 
-    @staticmethod
-    def _pull_response(values, gids, iterations) -> "pb.PullResponse":
-        resp = pb.PullResponse(iterations=iterations)
-        to_tensor(values, resp.values)
-        if gids is not None:
-            to_tensor(gids, resp.ids)
-        return resp
-
     @_handler
     def Pull(self, request, context):
-        ids = from_tensor(request.ids, "pull ids") if request.HasField("ids") else None
+        ids = wire.optional_tensor(request, "ids", "pull ids")
         with self.serving():
-            return self._pull_response(*self.pull(request, ids, context.time_remaining(), pooled=True))
+            return wire.pull_response(*self.pull(request, ids, context.time_remaining(), pooled=True))
 
     @contextlib.contextmanager
     def serving(self):
@@ -253,7 +193,8 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
                                                               len(ids) if ids is not None else None,
                                                               request.row_start, request.row_stop))
         with held:
-            return self._pull(request.variable, ids, request.slot, request.row_start, request.row_stop, "pull")
+            return self._pull(request.variable, ids, request.slot, request.row_start, request.row_stop, "pull",
+                              request.since_step)
 
     def _reached(self, variable, min_iterations) -> bool:
         var = self.shard.variable(variable)
@@ -264,9 +205,9 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
     def GetSlot(self, request, context):
         if not request.slot:
             raise errors.InvalidArgument("get_slot: a slot name is required")
-        ids = from_tensor(request.ids, "get_slot ids") if request.HasField("ids") else None
-        return self._pull_response(*self._pull(request.variable, ids, request.slot, request.row_start,
-                                               request.row_stop, "get_slot"))
+        ids = wire.optional_tensor(request, "ids", "get_slot ids")
+        return wire.pull_response(*self._pull(request.variable, ids, request.slot, request.row_start,
+                                              request.row_stop, "get_slot"))
 
     def push(self, request, grads, record=None, then=None) -> "pb.PushResponse":
         """record: the write-ahead-log record's parts, when the transport already has them; then:
@@ -282,18 +223,17 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
 
     @_handler
     def Push(self, request, context):
-        grads = gradients_of(request)
+        grads = wire.gradients_of(request)
         with self.serving():
             return self.push(request, grads)
 
     @_handler
     def PushPull(self, request, context):
-        grads = gradients_of(request.push)
-        pull_ids = [from_tensor(q.ids, f"push_pull ids of {q.variable!r}") if q.HasField("ids") else None
-                    for q in request.pulls]
+        grads = wire.gradients_of(request.push)
+        pull_ids = [wire.optional_tensor(q, "ids", f"push_pull ids of {q.variable!r}") for q in request.pulls]
         with self.serving():
             pushed, pulls = self.push_pull(request, grads, pull_ids)
-        return pb.PushPullResponse(push=pushed, pulls=[self._pull_response(*p) for p in pulls])
+        return pb.PushPullResponse(push=pushed, pulls=[wire.pull_response(*p) for p in pulls])
 
     def push_pull(self, request, grads, pull_ids, record=None):
         """Push, then pull under the same hold of the shard lock: the rows include this push and no later one."""
@@ -359,7 +299,7 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
             to_tensor(vals, joined.values)
             if gs[0].HasField("l2sum"):
                 joined.l2sum = gs[0].l2sum
-        return self.push(merged, gradients_of(merged))
+        return self.push(merged, wire.gradients_of(merged))
 
     @_handler
     def SetWeights(self, request, context):
@@ -370,8 +310,11 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
         if self.pushes.checkpoints is None:
             raise errors.FailedPrecondition("this server has no --data-dir, so it cannot write checkpoints")
         path, nbytes, its = self.pushes.checkpoints.save(request.path or None)
-        return pb.CheckpointResponse(path=path, bytes=nbytes, iterations=[
-            pb.OptimizerIterations(optimizer=k, iterations=v) for k, v in its.items()])
+        return pb.CheckpointResponse(path=path, bytes=nbytes, iterations=wire.iterations_to_wire(its))
+
+    @_handler
+    def Evict(self, request, context):
+        return pb.EvictResponse(evicted=self.pushes.evict(request.variable or None))
 
     def _sync(self):
         if self.pushes.sync is None:

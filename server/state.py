@@ -18,9 +18,12 @@ from sparseps.errors import AlreadyExists, Error, FailedPrecondition, InvalidArg
 from sparseps.partition import Layout
 
 from . import initializers
+from .backends.numpy_backend import NumpyBackend
+from .dynamic import DynamicTable, TablePolicy
 from .optimizers import from_config as optimizer_from_config
 
 FLOAT_DTYPES = (np.dtype("float32"), np.dtype("float64"))
+_HOST = NumpyBackend()   # initial slot rows of a dynamic table, made on the host
 MAX_NDIM = 32
 # what a config of the wrong types makes the parsers raise (deep JSON, huge integers, lists for numbers)
 _CONFIG_ERRORS = (TypeError, ValueError, OverflowError, RecursionError, KeyError, AttributeError, IndexError)
@@ -56,18 +59,33 @@ class Variable:
     value: object           # backend array of this shard's rows
     initializer_json: str = ""
     slots: dict = field(default_factory=dict)
+    table: DynamicTable | None = None   # a dynamic (hash-keyed) variable's keys; None: a fixed table
+
+    @property
+    def table_json(self) -> str:
+        return json.dumps(self.table.policy.to_dict(), sort_keys=True) if self.table is not None else ""
 
     @property
     def local_rows(self) -> int:
-        return self.layout.local_count(self.shard)
+        return self.table.live if self.table is not None else self.layout.local_count(self.shard)
 
     def local_ids(self, ids: np.ndarray, what: str) -> np.ndarray:
-        """Global row ids -> this shard's rows; every bad id is an InvalidArgument."""
+        """Global row ids -> this shard's rows (a dynamic variable: its keys, checked to be this
+        shard's); every bad id is an InvalidArgument."""
         if ids.dtype.kind not in "iu":
             raise InvalidArgument(f"{what}: ids of variable {self.name!r} must be integers, got {ids.dtype}")
         if ids.ndim != 1:
             raise InvalidArgument(f"{what}: ids of variable {self.name!r} must be 1-D, got shape {list(ids.shape)}")
+        if ids.dtype == np.uint64 and ids.size and int(ids.max()) > np.iinfo(np.int64).max:
+            raise InvalidArgument(f"{what}: ids of variable {self.name!r} must fit in int64")
         ids = ids.astype(np.int64, copy=False)
+        if self.table is not None:
+            if self.layout.n > 1 and ids.size and np.any(self.layout.shard_of(ids) != self.shard):
+                raise InvalidArgument(
+                    f"{what}: some keys of dynamic variable {self.name!r} belong to another shard (this is shard "
+                    f"{self.shard} of {self.layout.n}; keys go to splitmix64(key) mod {self.layout.n}): the client's "
+                    "cluster disagrees with this server's")
+            return ids
         if ids.size:
             lo, hi = int(ids.min()), int(ids.max())
             if lo < 0 or hi >= self.shape[0]:
@@ -147,10 +165,19 @@ class Shard:
 
     # ------------------------------------------------------------------ variables
     def create_variable(self, name: str, shape, dtype, optimizer: str, partition: str = "mod",
-                        owner: int = 0, initializer_json: str = "", initial_value=None) -> Variable:
+                        owner: int = 0, initializer_json: str = "", initial_value=None,
+                        dynamic: bool = False, table_json: str = "") -> Variable:
         if not name:
             raise InvalidArgument("variable name must not be empty")
         shape = tuple(int(s) for s in shape)
+        if dynamic:
+            return self._create_dynamic(name, shape, dtype, optimizer, partition, initializer_json, initial_value,
+                                        table_json)
+        if partition == "hash":
+            raise InvalidArgument(f"variable {name!r}: the hash partition is for dynamic variables (dynamic=True)")
+        if table_json:
+            raise InvalidArgument(f"variable {name!r}: a table config (admission, eviction, capacity) needs a "
+                                  "dynamic variable (dynamic=True)")
         if not shape or any(s <= 0 for s in shape):
             raise InvalidArgument(f"variable {name!r}: shape {list(shape)} must have at least one dimension, all > 0")
         if len(shape) > MAX_NDIM:
@@ -201,8 +228,59 @@ class Shard:
                              or initial_value is not None and np.array_equal(self.bk.to_numpy(existing.value), value)):
                     return existing
                 raise AlreadyExists(f"variable {name!r} already exists with a different specification")
+            admit = getattr(self.bk, "admit", None)
+            if admit is not None:   # a device backend: value and slots must fit the device memory left
+                n_slots = len(self.optimizers[optimizer].impl.slot_names()) if optimizer else 0
+                admit(f"variable {name!r} (value and {n_slots} optimizer slots)", nbytes * (1 + n_slots),
+                      local_shape[0])
             var = Variable(name, shape, dtype, optimizer, layout, self.index, self.bk.from_numpy(value, dtype),
                            initializer_json)
+            self.variables[name] = var
+            if optimizer:
+                self.optimizers[optimizer].variables.append(name)
+            self._notify("variable_created", variable=var)
+            return var
+
+    def _create_dynamic(self, name, shape, dtype, optimizer, partition, initializer_json, initial_value,
+                        table_json) -> Variable:
+        if len(shape) != 2 or shape[0] != 0 or shape[1] <= 0:
+            raise InvalidArgument(f"dynamic variable {name!r}: shape must be [0, dim] with dim > 0 (rows are keyed "
+                                  f"by int64 and have no count), got {list(shape)}")
+        if partition not in ("hash", ""):
+            raise InvalidArgument(f"dynamic variable {name!r}: keys are routed by hash; partition {partition!r} is "
+                                  "for fixed tables")
+        if initial_value is not None:
+            raise InvalidArgument(f"dynamic variable {name!r}: an initial value needs a fixed table; a dynamic "
+                                  "table's rows start from its initializer (or set_weights of their keys)")
+        dtype = np.dtype(dtype)
+        if dtype not in FLOAT_DTYPES:
+            raise InvalidArgument(f"variable {name!r}: dtype {dtype} is not supported (float32 or float64)")
+        if optimizer:
+            self.optimizer(optimizer)
+        policy = TablePolicy(table_json)
+        table_json = json.dumps(policy.to_dict(), sort_keys=True)
+        try:
+            with np.errstate(over="ignore"):
+                probe = initializers.for_keys(initializer_json, shape[1:], dtype, np.array([0, -1], np.int64), name)
+        except Error:
+            raise
+        except _CONFIG_ERRORS as e:
+            raise InvalidArgument(f"variable {name!r}: invalid initializer {initializer_json[:200]!r} "
+                                  f"({type(e).__name__}: {e})") from None
+        if not np.all(np.isfinite(probe)):
+            raise InvalidArgument(f"variable {name!r}: initializer {initializer_json[:200]!r} gives NaN or Inf "
+                                  f"(or numbers too large for {dtype})")
+        with self.lock:
+            existing = self.variables.get(name)
+            if existing is not None:
+                if existing.table is not None and (existing.shape, existing.dtype, existing.optimizer,
+                                                   existing.initializer_json, existing.table_json) == \
+                        (shape, dtype, optimizer, initializer_json, table_json):
+                    return existing
+                raise AlreadyExists(f"variable {name!r} already exists with a different specification")
+            var = Variable(name, shape, dtype, optimizer, Layout(0, self.num_shards, "hash"), self.index,
+                           self.bk.from_numpy(np.zeros((0,) + shape[1:], dtype), dtype), initializer_json,
+                           table=DynamicTable(policy))
             self.variables[name] = var
             if optimizer:
                 self.optimizers[optimizer].variables.append(name)
@@ -220,9 +298,14 @@ class Shard:
 
     # ------------------------------------------------------------------ reads
     def _rows(self, var: Variable, ids, row_start: int, row_stop: int, what: str):
-        """(local rows or None for all, global ids or None)."""
+        """(local rows or None for all, global ids or None). A dynamic variable: (its keys, None) for
+        keys, else (None, (row_start, row_stop)): positions, resolved under the lock by read()."""
         if ids is not None:
             return var.local_ids(ids, what), None
+        if var.table is not None:
+            if row_start < 0 or row_stop < 0 or (row_stop and row_stop < row_start):
+                raise InvalidArgument(f"{what}: bad row range [{row_start}, {row_stop}) for {var.name!r}")
+            return None, (row_start, row_stop)
         gids = var.layout.global_ids(self.index)
         if row_start or row_stop:
             stop = row_stop or var.shape[0]
@@ -232,22 +315,34 @@ class Shard:
             return np.arange(lo, hi, dtype=np.int64), gids[lo:hi]
         return None, gids
 
-    def pull(self, name: str, ids=None, slot: str = "", row_start: int = 0, row_stop: int = 0):
-        return self.read(*self.locate(name, ids, row_start, row_stop, "pull"), slot)
+    def pull(self, name: str, ids=None, slot: str = "", row_start: int = 0, row_stop: int = 0,
+             since_step: int = 0):
+        return self.read(*self.locate(name, ids, row_start, row_stop, "pull"), slot, since_step)
 
     def locate(self, name: str, ids=None, row_start: int = 0, row_stop: int = 0, what: str = "pull"):
         """(variable, local rows or None for all, global ids of a range or None): a pull's checks,
         all of which need no lock."""
         var = self.variable(name)
         rows, gids = self._rows(var, ids, row_start, row_stop, what)
-        n = (len(rows) if rows is not None else var.local_rows) * int(np.prod(var.shape[1:], dtype=np.int64))
+        if var.table is not None and rows is None:
+            start, stop = gids
+            count = max(0, min(stop or var.local_rows, var.local_rows) - start)
+        else:
+            count = len(rows) if rows is not None else var.local_rows
+        n = count * int(np.prod(var.shape[1:], dtype=np.int64))
         if n > self.max_pull_elements:
             raise InvalidArgument(f"{what} of {name!r}: {n} elements exceed the limit of {self.max_pull_elements}; "
                                   "pull fewer rows at a time")
         return var, rows, gids
 
-    def read(self, var: Variable, rows, gids, slot: str = ""):
+    def read(self, var: Variable, rows, gids, slot: str = "", since_step: int = 0):
         """(values, gids, iterations) of located rows, read under the lock."""
+        if since_step and (var.table is None or rows is not None):
+            raise InvalidArgument(f"pull of {var.name!r}: since_step selects the rows of a dynamic variable changed "
+                                  "after a step, in a whole or row-range pull (an export); "
+                                  + ("this one has keys" if var.table is not None else "this variable is a fixed table"))
+        if var.table is not None:
+            return self._read_dynamic(var, rows, gids, slot, since_step)
         name = var.name
         with self.lock:
             if slot:
@@ -264,6 +359,50 @@ class Shard:
             values = self.bk.to_numpy(arr, rows)
             iterations = self.optimizers[var.optimizer].iterations if var.optimizer else 0
         return values, gids, iterations
+
+    def _slot_array(self, var: Variable, slot: str):
+        if slot not in var.slots:
+            opt = self.optimizers.get(var.optimizer)
+            names = opt.impl.slot_names() if opt else []
+            if slot in names:
+                return None
+            raise NotFound(f"variable {var.name!r} has no slot {slot!r} (its optimizer has {names})")
+        return var.slots[slot]
+
+    def _read_dynamic(self, var: Variable, keys, span, slot: str, since_step: int):
+        """Rows of keys (a key without a row reads as its initial value, or its slot's), or the
+        live rows at positions [start, stop) with their keys, those updated after `since_step`."""
+        table = var.table
+        with self.lock:
+            arr = self._slot_array(var, slot) if slot else var.value
+            iterations = self.optimizers[var.optimizer].iterations if var.optimizer else 0
+            if keys is not None:
+                pos = table.index.lookup(keys)
+                found = pos >= 0
+                values = np.empty((len(keys),) + var.shape[1:], var.dtype)
+                if arr is not None and found.any():
+                    values[found] = self.bk.to_numpy(arr, pos[found])
+            else:
+                start, stop = span
+                stop = min(stop or table.live, table.live)
+                pos = np.arange(start, max(start, stop), dtype=np.int64)
+                if since_step:
+                    pos = pos[table.step[pos] > since_step]
+                gids = table.keys[pos].copy()
+                if arr is None:
+                    return np.zeros((0,) + var.shape[1:], var.dtype), gids[:0], iterations
+                return self.bk.to_numpy(arr, pos), gids, iterations
+        missing = ~found if arr is not None else np.ones(len(keys), bool)
+        if missing.any():   # computed outside the lock: a pure function of the key
+            values[missing] = self._initial_rows(var, keys[missing], slot)
+        return values, None, iterations
+
+    def _initial_rows(self, var: Variable, keys, slot: str = ""):
+        with np.errstate(over="ignore"):
+            rows = initializers.for_keys(var.initializer_json, var.shape[1:], var.dtype, keys, var.name)
+        if slot:
+            rows = self.optimizers[var.optimizer].impl.initial_slot(_HOST, rows, slot)
+        return rows
 
     # ------------------------------------------------------------------ push
     def decode_push(self, gradients, optimizer_names=()):
@@ -287,6 +426,9 @@ class Shard:
                     raise InvalidArgument(f"push: gradient rows of {name!r} have shape {list(values.shape)}, "
                                           f"expected {list(want)} ({len(ids)} ids x row shape {list(var.shape[1:])})")
             else:
+                if var.table is not None:
+                    raise InvalidArgument(f"push: {name!r} is a dynamic variable: its gradients are sparse "
+                                          "(keys, rows); a dense gradient needs a fixed table")
                 local = None
                 want = (var.local_rows,) + var.shape[1:]
                 if values.shape != want:
@@ -332,14 +474,163 @@ class Shard:
         return self.apply(self.decode_push(gradients, optimizer_names))
 
     def ensure_slots(self, by_opt):
-        """Create the missing slots of every variable these gradients update (caller holds the
-        lock), before anything is logged or applied: running out of memory here changes nothing."""
+        """Create the missing slots of every variable these gradients update, and the room of the
+        rows a push will create in dynamic variables (caller holds the lock), before anything is
+        logged or applied: running out of memory, or a full table that refuses, changes nothing."""
         for opt_name, grads in by_opt.items():
             opt = self.optimizers[opt_name]
             names = opt.impl.slot_names()
             new = [g.var for g in grads if names and any(n not in g.var.slots for n in names)]
             if new:
                 self._create_slots(opt, new)   # (decode_push refused a variable named twice)
+            for g in grads:
+                if g.var.table is not None:
+                    keys = np.unique(g.ids)
+                    found = g.var.table.index.lookup(keys) >= 0
+                    admitted = int(g.var.table.admits(keys[~found], opt.iterations + 1, count=False).sum())
+                    self._make_room(g.var, admitted, "push", keep=int(found.sum()))
+
+    # ------------------------------------------------------------------ dynamic rows
+    def _make_room(self, var: Variable, new: int, what: str, keep: int = 0):
+        """Room for `new` more rows of a dynamic variable beside `keep` rows the request updates:
+        refuse (RESOURCE_EXHAUSTED) what a full table or the memory cannot take, and grow the
+        arrays; nothing visible changes."""
+        table, pol = var.table, var.table.policy
+        if new == 0:
+            return
+        want = table.live + new
+        if pol.capacity is not None:
+            if new + keep > pol.capacity or (pol.on_full == "refuse" and want > pol.capacity):
+                table.stats["refused_capacity"] += new
+                raise ResourceExhausted(
+                    f"{what}: dynamic variable {var.name!r} holds {table.live} of at most {pol.capacity} rows on "
+                    f"shard {self.index}; {new} new keys do not fit "
+                    + ("(its table refuses new rows when full: on_full=\"refuse\")" if pol.on_full == "refuse"
+                       else "even after evicting every other row"))
+            want = min(want, pol.capacity)
+        if want <= table.capacity_rows:
+            return
+        row_bytes = int(np.prod(var.shape[1:], dtype=np.int64)) * var.dtype.itemsize * (1 + len(var.slots))
+        cap = max(want, int(table.capacity_rows * 1.5), 1024)
+        if pol.capacity is not None:
+            cap = min(cap, pol.capacity)
+        if cap * row_bytes > self.max_variable_bytes:
+            raise ResourceExhausted(
+                f"{what}: dynamic variable {var.name!r} would need {cap * row_bytes / 2 ** 30:.3g} GiB on shard "
+                f"{self.index} for {want} rows; this shard accepts at most {self.max_variable_bytes / 2 ** 30:.3g} "
+                "GiB per variable: add shards, or bound the table (capacity, eviction)")
+        try:
+            table.reserve(cap)
+            value = self.bk.grow(var.value, cap, table.live)
+            slots = {n: self.bk.grow(a, cap, table.live) for n, a in var.slots.items()}
+        except MemoryError:
+            raise ResourceExhausted(f"{what}: out of memory growing dynamic variable {var.name!r} to {cap} rows on "
+                                    f"shard {self.index}; nothing was changed") from None
+        var.value = value
+        var.slots.update(slots)
+
+    def _resolve(self, opt: OptimizerState, g: Grad) -> Grad:
+        """A dynamic variable's pushed keys -> row positions: rows of admitted new keys are created
+        (their initial value and slots), gradients of keys not admitted are dropped."""
+        var, table = g.var, g.var.table
+        step = opt.iterations + 1
+        pos = table.index.lookup(g.ids)
+        missing = pos < 0
+        if missing.any():
+            new = np.unique(g.ids[missing])
+            ok = table.admits(new, step, count=True)
+            table.stats["refused_admission"] += int((~ok).sum())
+            new = new[ok]
+            room = table.policy.capacity - table.live if table.policy.capacity is not None else len(new)
+            if table.policy.on_full == "refuse" and len(new) > room:
+                # (sketch collisions admitted more keys than ensure_slots counted: the rest wait)
+                table.stats["refused_capacity"] += len(new) - room
+                new = new[:room]
+            if len(new):
+                table.stats["admitted"] += len(new)
+                self._create_rows(var, new, protect=np.unique(pos[~missing]))
+                pos = table.index.lookup(g.ids)
+                missing = pos < 0
+        if missing.any():
+            keep = ~missing
+            g = Grad(var, pos[keep], g.values[keep], g.l2sum)
+        else:
+            g = Grad(var, pos, g.values, g.l2sum)
+        table.touch(np.unique(g.ids), step)
+        return g
+
+    def _create_rows(self, var: Variable, keys, protect=None, values=None):
+        """Rows for distinct new keys: their initial values (or `values`) and their slots' initial
+        values; a full table that evicts makes room first (never evicting `protect`)."""
+        table, pol = var.table, var.table.policy
+        if pol.capacity is not None and table.live + len(keys) > pol.capacity:
+            need = table.live + len(keys) - pol.capacity
+            batch = max(need, int(pol.capacity * pol.evict_batch))
+            self._remove_rows(var, table.least_recent(batch, protect if protect is not None else np.zeros(0, int)))
+        self._make_room(var, len(keys), "push")
+        if values is None:
+            values = self._initial_rows(var, keys)
+        opt = self.optimizers.get(var.optimizer)
+        step = opt.iterations if opt is not None else 0
+        pos = table.add(keys, step)
+        self.bk.scatter_update(var.value, pos, values)
+        for name, arr in var.slots.items():
+            self.bk.scatter_update(arr, pos, opt.impl.initial_slot(_HOST, values, name))
+        return pos
+
+    def _remove_rows(self, var: Variable, pos):
+        """Remove rows (distinct positions) with their slots; the last rows move into the holes."""
+        if len(pos) == 0:
+            return
+        table = var.table
+        holes, movers = table.plan_removal(pos)
+        if len(holes):
+            for arr in [var.value, *var.slots.values()]:
+                self.bk.move_rows(arr, movers, holes)
+        table.remove(pos, holes, movers)
+
+    def aged(self, name: str | None = None, now: float | None = None) -> dict:
+        """{variable: keys its age policy evicts now} (the caller logs, then evict_keys)."""
+        now = time.time() if now is None else now
+        out = {}
+        with self.lock:
+            names = [name] if name else [n for n, v in self.variables.items() if v.table is not None]
+            for n in names:
+                var = self.variable(n)
+                if var.table is None:
+                    raise InvalidArgument(f"evict: {n!r} is a fixed table; eviction is for dynamic variables")
+                if not var.table.policy.ages:
+                    continue
+                its = self.optimizers[var.optimizer].iterations if var.optimizer else 0
+                keys = var.table.keys[var.table.aged(its, now)]
+                if len(keys):
+                    out[n] = keys
+        return out
+
+    def load_rows(self, var: Variable, keys, values, slots: dict, steps, when, sketch=None, stats=None):
+        """A restored dynamic variable's rows (keys distinct, all this shard's) with their slots."""
+        table = var.table
+        with self.lock:
+            for name in slots:   # (the optimizer's slot order comes with the checkpoint)
+                var.slots.setdefault(name, self.bk.zeros_like(var.value))
+            self._make_room(var, len(keys), "restore")
+            pos = table.add(keys, 0)
+            table.step[pos], table.when[pos] = steps, when
+            self.bk.scatter_update(var.value, pos, np.ascontiguousarray(values))
+            for name, arr in slots.items():
+                self.bk.scatter_update(var.slots[name], pos, np.ascontiguousarray(arr))
+            if sketch is not None and table.sketch is not None and sketch.shape == table.sketch.shape:
+                table.sketch[...] = sketch
+            table.stats = dict(stats) if stats else {**{k: 0 for k in table.stats}, "created": len(keys)}
+
+    def evict_keys(self, name: str, keys) -> int:
+        """Remove the rows of these keys (a logged eviction, replayed); returns how many existed."""
+        with self.lock:
+            var = self.variable(name)
+            pos = var.table.index.lookup(np.unique(np.asarray(keys, np.int64)))
+            pos = pos[pos >= 0]
+            self._remove_rows(var, pos)
+            return len(pos)
 
     def _step(self, opt: OptimizerState, grads: list, timings: list | None = None) -> int:
         impl, bk = opt.impl, self.bk
@@ -351,6 +642,8 @@ class Shard:
             if dt not in coefficients:
                 coefficients[dt] = bk.coefficients(impl.prepare(opt.iterations, dt))
             c = coefficients[dt]
+            if g.var.table is not None:
+                g = self._resolve(opt, g)
             if g.ids is None:
                 impl.apply_dense(bk, g.var.value, g.var.slots, bk.to_device(g.values), c)
             else:
@@ -403,6 +696,9 @@ class Shard:
                     names = vopt.impl.slot_names() if vopt else []
                     if slot not in names:
                         raise NotFound(f"set_weights: variable {name!r} has no slot {slot!r} (its optimizer has {names})")
+                if var.table is not None and ids is None:
+                    raise InvalidArgument(f"set_weights: {name!r} is a dynamic variable: give the keys of the rows "
+                                          "to write (a whole-variable write needs a fixed table)")
                 local = var.local_ids(ids, "set_weights") if ids is not None else None
                 want = ((len(ids) if ids is not None else var.local_rows),) + var.shape[1:]
                 if tuple(values.shape) != want:
@@ -415,11 +711,21 @@ class Shard:
                 if not np.all(np.isfinite(cast)) and not self.allow_nonfinite:
                     raise InvalidArgument(f"set_weights: values for {name!r}{'/' + slot if slot else ''} contain "
                                           f"NaN or Inf (or numbers too large for {var.dtype})")
+                if var.table is not None:
+                    keys = np.unique(local)
+                    found = var.table.index.lookup(keys) >= 0
+                    self._make_room(var, int((~found).sum()), "set_weights", keep=int(found.sum()))
                 plan.append((var, slot, local, cast))
             for var, slot, local, values in plan:
                 if slot and slot not in var.slots:
                     vopt = self.optimizers[var.optimizer]
                     self._create_slots(vopt, [var])
+                if var.table is not None:
+                    pos = var.table.index.lookup(local)
+                    if (pos < 0).any():
+                        self._create_rows(var, np.unique(local[pos < 0]), protect=np.unique(pos[pos >= 0]))
+                        pos = var.table.index.lookup(local)
+                    local = pos
                 arr = var.slots[slot] if slot else var.value
                 if local is None:
                     self.bk.assign(arr, self.bk.to_device(values))

@@ -39,7 +39,7 @@ from sparseps.proto import sparseps_pb2 as pb
 from sparseps.proto import sparseps_pb2_grpc as pb_grpc
 from sparseps.tensors import to_tensor
 
-from . import pushes
+from . import pushes, wire
 
 log = logging.getLogger("sparseps.server")
 
@@ -149,15 +149,14 @@ class SyncManager:
             it = opt.iterations
             self._gc(name, it)
             if step < it:
-                return pb.PushResponse(stale=True, iterations=[pb.OptimizerIterations(optimizer=name, iterations=it)])
+                return wire.push_response({name: it}, stale=True)
             if step > it + 1:
                 raise errors.FailedPrecondition(
                     f"sync push for step {step}: optimizer {name!r} is at step {it} on shard {shard.index}; "
                     f"compute on the state of step {it} (pull with min_iterations={it}) and push with step={it}")
             table = self.prepares.setdefault(name, collections.OrderedDict())
             if key in table:   # a retried prepare
-                return pb.PushResponse(prepared=True, duplicate=True,
-                                       iterations=[pb.OptimizerIterations(optimizer=name, iterations=it)])
+                return wire.push_response({name: it}, prepared=True, duplicate=True)
             if len(table) >= self._capacity(opt):
                 raise errors.ResourceExhausted(
                     f"sync optimizer {name!r}: {len(table)} prepared pushes are waiting for their steps on shard "
@@ -167,7 +166,7 @@ class SyncManager:
             table[key] = _Prepared(step, request)
         if wal is not None:
             wal.wait_durable(lsn)
-        return pb.PushResponse(prepared=True, iterations=[pb.OptimizerIterations(optimizer=name, iterations=it)])
+        return wire.push_response({name: it}, prepared=True)
 
     # ------------------------------------------------------------------ participant: phase 2
     def commit(self, request) -> int:
@@ -194,7 +193,7 @@ class SyncManager:
                             f"{name!r} (was its state lost?); the step cannot be committed here")
                 entries = [table[k] for k in keys]
             agg = self.aggregate(opt, step, entries)
-            by_opt = shard.decode_push(pushes.gradients_of(agg), [name])
+            by_opt = shard.decode_push(wire.gradients_of(agg), [name])
             iterations = self.pipeline.apply_logged(agg, by_opt)[name]
             with shard.lock:
                 self._gc(name, opt.iterations)
@@ -207,7 +206,7 @@ class SyncManager:
         average = bool(opt.consistency.get("average"))
         by_var = collections.OrderedDict()
         for e in entries:
-            for name, ids, values, _ in pushes.gradients_of(e.request):
+            for name, ids, values, _ in wire.gradients_of(e.request):
                 by_var.setdefault(name, []).append((ids, values))
         out = pb.PushRequest(optimizers=[opt.name], step=step)
         for name, items in by_var.items():
@@ -539,7 +538,7 @@ class SyncManager:
     # ------------------------------------------------------------------ durability
     def replay_prepare(self, request):
         name, step = (request.optimizers[0] if request.optimizers else ""), int(request.step)
-        by_opt = self.shard.decode_push(pushes.gradients_of(request), list(request.optimizers))
+        by_opt = self.shard.decode_push(wire.gradients_of(request), list(request.optimizers))
         for o in by_opt:
             if self._mode(o) == "sync":
                 name = o

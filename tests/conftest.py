@@ -1,9 +1,14 @@
 """Fixtures that start real sparseps-server processes on 127.0.0.1 (stopped by PID afterwards)."""
 import os
 
-import pytest
+# The cuda backend's kernels run under numba's CUDA simulator unless a run says otherwise
+# (NUMBA_ENABLE_CUDASIM=0 on a machine with a GPU). numba reads it when first imported, so it is
+# set before anything imports numba; the servers the tests start inherit it.
+os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
 
-import sparseps
+import pytest  # noqa: E402
+
+import sparseps  # noqa: E402
 from sparseps.local import LocalServer, start_cluster
 
 BACKENDS = [b for b in os.environ.get("SPARSEPS_TEST_BACKENDS", "numba,tensorflow").split(",") if b]

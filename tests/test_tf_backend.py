@@ -386,3 +386,16 @@ def test_tables_live_on_the_device_and_sparse_steps_copy_nothing(fused):
     assert r["grown"] <= 3 * table * 1.5, f"{r['where']}: memory grew by {r['grown'] >> 20} MiB for 3 x {table >> 20} MiB"
     assert r["peak_over_held"] < table // 2, \
         f"{r['where']}: sparse steps peaked {r['peak_over_held'] >> 20} MiB above the tables ({table >> 20} MiB each)"
+
+
+def test_grow_and_move_rows(bk):
+    """The dynamic tables' storage operations: a larger copy with zero rows after, and row moves."""
+    host = np.arange(12, dtype=np.float32).reshape(4, 3)
+    grown = bk.grow(bk.from_numpy(host), 6)
+    want = np.concatenate([host, np.zeros((2, 3), np.float32)])
+    np.testing.assert_array_equal(bk.to_numpy(grown), want)
+    bk.move_rows(grown, np.array([0, 2], np.int64), np.array([5, 4], np.int64))
+    want[[5, 4]] = want[[0, 2]]
+    np.testing.assert_array_equal(bk.to_numpy(grown), want)
+    with pytest.raises(ValueError):
+        bk.grow(grown, 2)

@@ -37,6 +37,20 @@ class NumpyBackend:
     def nbytes(self, arr):
         return arr.nbytes
 
+    def grow(self, arr, rows: int, used: int | None = None):
+        """A new array of `rows` rows whose first `used` (default: all) rows are arr's (dynamic
+        tables). The rest are zero pages (calloc), which take no memory until a row is written."""
+        used = arr.shape[0] if used is None else used
+        if rows < used:
+            raise ValueError(f"grow: {rows} rows is fewer than the {used} held")
+        new = np.zeros((rows,) + arr.shape[1:], arr.dtype)
+        new[:used] = arr[:used]
+        return new
+
+    def move_rows(self, arr, src, dst):
+        """arr[dst] = arr[src] for disjoint row index arrays (compacting a dynamic table)."""
+        arr[dst] = arr[src]
+
     def kernel(self, name):
         return None
 

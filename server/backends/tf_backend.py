@@ -193,6 +193,21 @@ class TensorFlowBackend:
     def nbytes(self, arr):
         return int(np.prod(arr.shape, dtype=np.int64)) * arr.dtype.size
 
+    def grow(self, arr, rows: int, used: int | None = None):
+        """A new variable of `rows` rows whose first `used` (default: all) rows are arr's (dynamic tables)."""
+        used = int(arr.shape[0]) if used is None else used
+        if rows < used:
+            raise ValueError(f"grow: {rows} rows is fewer than the {used} held")
+        tf = self.tf
+        with tf.device(self.device):
+            head = arr[:used]
+            tail = tf.zeros((rows - used,) + tuple(arr.shape[1:]), dtype=arr.dtype)
+            return tf.Variable(tf.concat([head, tail], 0), trainable=False)
+
+    def move_rows(self, arr, src, dst):
+        """arr[dst] = arr[src] for disjoint row index arrays (compacting a dynamic table)."""
+        self.scatter_update(arr, dst, self.gather(arr, src))
+
     def kernel(self, name):
         if not self._fused:
             return None

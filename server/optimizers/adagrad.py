@@ -1,4 +1,6 @@
-"""Adagrad (Duchi et al. 2011): Keras 2.15 legacy `Adagrad` (optimizer_v2) and Keras 3 `Adagrad`.
+"""Adagrad (Duchi et al. 2011). Reference: keras-team/keras 2.15, keras/src/optimizers/legacy/adagrad.py
+(optimizer_v2) with tensorflow 2.15 core/kernels/training_ops.cc (ApplyAdagradV2, SparseApplyAdagrad);
+Keras 3: keras-team/keras 3.x keras/src/optimizers/adagrad.py on the TensorFlow backend.
 
 Legacy (ResourceApplyAdagradV2 / ResourceSparseApplyAdagradV2, the reference):
     accum starts at initial_accumulator_value (exact in the variable dtype)
@@ -8,8 +10,9 @@ Keras 3 (TF backend) puts epsilon inside the square root, and its IndexedSlices 
 pushed row adds its own g_i^2 to accum (in push order), then every row subtracts
 (lr g_i) / sqrt(accum + eps) with the final accum of its id.
 """
-from .base import Optimizer, as_float, exact, hyper
-from .keras_new import Keras3Mixin, KerasNewOptimizer, pick_flavour
+from .base import Optimizer, exact, hyper
+from .config_values import as_float
+from .keras_new import Keras3Mixin, KerasNewOptimizer
 
 
 def fill(bk, var, value):
@@ -23,10 +26,6 @@ class Adagrad(Optimizer):
     class_names = ("Adagrad",)
     defaults = {"learning_rate": 0.001, "decay": 0.0, "initial_accumulator_value": 0.1, "epsilon": 1e-7}
     slot_kinds = ("accumulator",)
-
-    @classmethod
-    def flavour(cls, config):
-        return pick_flavour(config, Adagrad, Keras3Adagrad) if cls is Adagrad else cls
 
     def parse(self):
         self.parse_learning_rate()

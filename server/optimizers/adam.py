@@ -1,5 +1,7 @@
 """Keras legacy Adam (optimizer_v2, `tf.keras.optimizers.legacy.Adam`), Kingma & Ba 2014.
 
+Reference: keras-team/keras v2.15.0, keras/src/optimizers/legacy/adam.py.
+
     lr_t = lr * sqrt(1 - b2^t) / (1 - b1^t),   t = iterations + 1
     m = b1 m + (1 - b1) g;   v = b2 v + (1 - b2) g^2;   var -= lr_t m / (sqrt(v) + eps)
     amsgrad: vhat = max(vhat, v) replaces v in the denominator.
@@ -10,22 +12,14 @@ dense-equivalent: m and v decay on every row and every row with non-zero m moves
 """
 import numpy as np
 
-from .base import Optimizer, as_bool, as_float, exact, hyper, power
+from .base import Optimizer, exact, hyper, power
+from .config_values import as_bool, as_float
 
 
 class Adam(Optimizer):
     class_names = ("Adam",)
     defaults = {"learning_rate": 0.001, "decay": 0.0, "beta_1": 0.9, "beta_2": 0.999,
                 "epsilon": 1e-7, "amsgrad": False}
-
-    @classmethod
-    def flavour(cls, config: dict) -> type:
-        """`Adam` names three Keras classes; the config's keys tell them apart (keras_new.flavour)."""
-        if cls is not Adam:
-            return cls
-        from . import keras_adam, keras_new
-        return {"legacy": Adam, "keras2": keras_adam.KerasAdam, "keras3": keras_adam.Keras3Adam}[
-            keras_new.flavour(config)]
 
     def parse(self):
         self.parse_learning_rate()
@@ -56,6 +50,10 @@ class Adam(Optimizer):
     def apply_dense(self, bk, var, slots, grad, c):
         """ApplyAdam / ApplyAdamWithAmsgrad (CPU kernels)."""
         m, v = slots["m"], slots["v"]
+        fused = bk.kernel("adam_dense")
+        if fused is not None:
+            return fused(var, m, v, slots["vhat"] if self.hp["amsgrad"] else None, grad, c["alpha"],
+                         c["one_minus_b1"], c["one_minus_b2"], c["eps"])
         m_t = bk.read(m) + (grad - bk.read(m)) * c["one_minus_b1"]
         v_t = bk.read(v) + (grad * grad - bk.read(v)) * c["one_minus_b2"]
         bk.assign(m, m_t)
@@ -68,6 +66,10 @@ class Adam(Optimizer):
     def apply_sparse(self, bk, var, slots, ids, rows, c):
         """Legacy Adam._resource_apply_sparse: decay everything, scatter-add the new rows."""
         m, v = slots["m"], slots["v"]
+        fused = bk.kernel("adam_sparse")
+        if fused is not None:
+            return fused(var, m, v, slots["vhat"] if self.hp["amsgrad"] else None, ids, rows, c["lr"], c["b1"],
+                         c["b2"], c["one_minus_b1"], c["one_minus_b2"], c["eps"])
         bk.assign(m, bk.read(m) * c["b1"])
         bk.scatter_add(m, ids, rows * c["one_minus_b1"])
         bk.assign(v, bk.read(v) * c["b2"])

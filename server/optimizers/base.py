@@ -1,5 +1,7 @@
 """What every optimizer shares: config parsing, learning-rate decay, clipping, coefficient dtypes.
 
+Reference: keras-team/keras v2.15.0, keras/src/optimizers/legacy/optimizer_v2.py.
+
 The reference is Keras 2.15's optimizer_v2 ("legacy") machinery that tensorflow-addons 0.23 builds
 on. One `apply` of a push follows its order exactly: coefficients are prepared once from the
 pre-step `iterations`; raw gradient rows are clipped (clipvalue, clipnorm, global_clipnorm) before
@@ -13,6 +15,10 @@ import math
 import numpy as np
 
 from sparseps.errors import InvalidArgument
+from sparseps.reductions import eigen_sum
+
+from . import schedules
+from .config_values import as_float, type_error
 
 F32 = np.float32
 
@@ -40,38 +46,6 @@ def power(base: np.generic, t: int) -> np.generic:
     if base.dtype == np.float32:
         return F32(math.pow(float(base), float(t)))
     return np.float64(math.pow(float(base), float(t)))
-
-
-def _type_error(key, value, want):
-    return InvalidArgument(f"optimizer config key {key!r}: expected {want}, got {value!r} ({type(value).__name__})")
-
-
-def as_float(key, value, *, allow_none=False, minimum=None):
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _type_error(key, value, "a number")
-    v = float(value)
-    if not math.isfinite(v):
-        raise InvalidArgument(f"optimizer config key {key!r}: {value!r} is not a finite number")
-    if minimum is not None and v < minimum:
-        raise InvalidArgument(f"optimizer config key {key!r}: {value!r} must be >= {minimum}")
-    return v
-
-
-def as_bool(key, value):
-    if not isinstance(value, bool):
-        raise _type_error(key, value, "true or false")
-    return value
-
-
-def as_int(key, value, minimum=None):
-    if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
-        raise _type_error(key, value, "an integer")
-    v = int(value)
-    if minimum is not None and v < minimum:
-        raise InvalidArgument(f"optimizer config key {key!r}: {value!r} must be >= {minimum}")
-    return v
 
 
 class Optimizer:
@@ -120,7 +94,7 @@ class Optimizer:
     def parse_name(self, config: dict, default=None):
         name = config.pop("name", None)
         if name is not None and not isinstance(name, str):
-            raise _type_error("name", name, "a string")
+            raise type_error("name", name, "a string")
         self.name = name or default or self.class_names[0]
 
     # ---- to be provided by each optimizer -------------------------------------------------
@@ -177,7 +151,6 @@ class Optimizer:
 
     # ---- shared machinery ---------------------------------------------------------------
     def learning_rate(self, iterations: int, dtype):
-        from . import schedules
         lr = self.hp["learning_rate"]
         if isinstance(lr, schedules.Schedule):
             return np.dtype(dtype).type(lr(iterations))
@@ -192,7 +165,6 @@ class Optimizer:
         return lr_t
 
     def parse_learning_rate(self, key="learning_rate"):
-        from . import schedules
         value = self.hp[key]
         if isinstance(value, dict):
             self.hp[key] = schedules.from_config(value, key)
@@ -227,7 +199,6 @@ class Optimizer:
 
     def _clip_split_global(self, grads):
         """clip_by_global_norm from the client's whole-gradient sums (l2_loss = l2sum / 2, exactly)."""
-        from sparseps.reductions import eigen_sum
         dtype = grads[0].values.dtype
         half = np.array([dtype.type(g.l2sum) * dtype.type(0.5) for g in grads], dtype=dtype)
         norm = np.sqrt(eigen_sum(half) * dtype.type(2))
@@ -241,7 +212,6 @@ class Optimizer:
                 "config": self.get_config(), "registered_name": self.registered_name}
 
     def get_config(self) -> dict:
-        from . import schedules
         cfg = {"name": self.name}
         for key in ("clipnorm", "global_clipnorm", "clipvalue"):
             if getattr(self, key) is not None:

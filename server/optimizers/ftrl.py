@@ -1,4 +1,6 @@
-"""FTRL-Proximal (McMahan et al. 2013): Keras 2.15 legacy `Ftrl` (optimizer_v2) and Keras 3 `Ftrl`.
+"""FTRL-Proximal (McMahan et al. 2013). Reference: keras-team/keras 2.15,
+keras/src/optimizers/legacy/ftrl.py (optimizer_v2) with tensorflow 2.15 core/kernels/training_ops.cc
+(ApplyFtrl[V2], SparseApplyFtrl, ComputeFtrl); Keras 3: keras/src/optimizers/ftrl.py (TF backend).
 
 Legacy (ResourceApplyFtrl[V2] / ResourceSparseApplyFtrl[V2] CPU kernels, the reference), with
 p(x) = sqrt(x) when learning_rate_power == -0.5, else pow(x, -learning_rate_power):
@@ -18,8 +20,9 @@ IndexedSlices densified (g summed per id, g^2 as the per-id sum of squared rows)
 import numpy as np
 
 from .adagrad import _dtype, fill
-from .base import Optimizer, as_float, cast_via_f32, exact, hyper
-from .keras_new import Keras3Mixin, KerasNewOptimizer, pick_flavour
+from .base import Optimizer, cast_via_f32, exact, hyper
+from .config_values import as_float
+from .keras_new import Keras3Mixin, KerasNewOptimizer
 
 _NONNEGATIVE = ("initial_accumulator_value", "l1_regularization_strength", "l2_regularization_strength",
                 "l2_shrinkage_regularization_strength")
@@ -42,10 +45,6 @@ class Ftrl(Optimizer):
                 "l1_regularization_strength": 0.0, "l2_regularization_strength": 0.0, "beta": 0.0,
                 "l2_shrinkage_regularization_strength": 0.0}
     slot_kinds = ("accumulator", "linear")
-
-    @classmethod
-    def flavour(cls, config):
-        return pick_flavour(config, Ftrl, Keras3Ftrl) if cls is Ftrl else cls
 
     def parse(self):
         _parse(self)

@@ -1,6 +1,9 @@
 """The non-legacy Keras `Adam` classes (Kingma & Ba 2014): Keras 2.11-2.15
 `tf.keras.optimizers.Adam` ("Keras-new") and Keras 3 `keras.optimizers.Adam`.
 
+References: keras-team/keras v2.15.0, keras/src/optimizers/adam.py;
+keras-team/keras v3.15.1, keras/src/optimizers/adam.py.
+
     alpha = lr * sqrt(1 - b2^t) / (1 - b1^t),   t = iterations + 1
     (weight decay first: var -= var * wd * lr)
     m += (g - m)(1 - b1);   v += (g^2 - v)(1 - b2);   (amsgrad: vhat = max(vhat, v))
@@ -21,7 +24,8 @@ Slots are created per variable (m(A), v(A), m(B), v(B), then the vhats); Keras 3
 import numpy as np
 
 from .adam import Adam
-from .base import as_bool, as_float, cast_via_f32, exact, power
+from .base import cast_via_f32, exact, power
+from .config_values import as_bool, as_float
 from .keras_new import Keras3Mixin, KerasNewOptimizer
 
 

@@ -1,8 +1,12 @@
 """The non-legacy Keras optimizer base classes: Keras 2.11-2.15 `tf.keras.optimizers.Optimizer`
 ("Keras-new", `is_legacy_optimizer: false`) and Keras 3 `keras.optimizers.Optimizer` (TF >= 2.16).
 
+References: keras-team/keras v2.15.0, keras/src/optimizers/optimizer.py; keras-team/keras v3.15.1,
+keras/src/optimizers/base_optimizer.py and keras/src/backend/tensorflow/optimizer.py.
+
 They share class names with the legacy classes (`Adam`, `SGD`); `flavour(config)` tells them apart
-by the keys their get_config() always writes. Differences from optimizer_v2 that matter here:
+by the keys their get_config() always writes (registry.py asks it for the families registered with
+flavours). Differences from optimizer_v2 that matter here:
 
 * only one clipping applies: clipnorm if set, else global_clipnorm, else clipvalue (Keras 2.15
   refuses clipnorm together with global_clipnorm; Keras 3 refuses any two);
@@ -21,7 +25,9 @@ import numpy as np
 
 from sparseps.errors import InvalidArgument
 
-from .base import Optimizer, as_bool, as_float, as_int, exact
+from . import schedules
+from .base import Optimizer, exact
+from .config_values import as_bool, as_float, as_int
 
 # keys only the non-legacy classes write (get_config), by flavour
 KERAS2_KEYS = ("name", "weight_decay", "clipnorm", "global_clipnorm", "clipvalue", "use_ema", "ema_momentum",
@@ -131,7 +137,6 @@ class KerasNewOptimizer(Optimizer):
         return grads
 
     def get_config(self):
-        from . import schedules
         lr = self.hp["learning_rate"]
         lr = schedules.to_config(lr) if isinstance(lr, schedules.Schedule) else self.current_learning_rate()
         if self.keras3:
@@ -163,7 +168,6 @@ class Keras3Mixin:
 
     def parse(self):
         super().parse()
-        from . import schedules
         self._nonslot = None
         self.lr_is_variable = not isinstance(self.hp["learning_rate"], schedules.Schedule)
         self.nonslot_names = ("learning_rate",) if self.lr_is_variable else ()
@@ -225,14 +229,3 @@ class Keras3Mixin:
         return head + [f"{v}/{s}" for v, s in pairs]
 
 
-
-def pick_flavour(config: dict, legacy: type, keras3: type, keras2: type | None = None) -> type:
-    """The class for a config's flavour; a flavour sparseps does not implement is refused."""
-    which = flavour(config)
-    cls = {"legacy": legacy, "keras2": keras2, "keras3": keras3}[which]
-    if cls is None:
-        raise InvalidArgument(
-            f"{legacy.class_names[0]}: the Keras 2.11-2.15 non-legacy optimizer (is_legacy_optimizer: false, "
-            "jit_compile, weight_decay, use_ema keys) is not implemented for this class; use the legacy "
-            "optimizer (tf.keras.optimizers.legacy) or the Keras 3 one")
-    return cls

@@ -1,6 +1,9 @@
 """The non-legacy Keras `SGD` classes: Keras 2.11-2.15 `tf.keras.optimizers.SGD` and Keras 3
 `keras.optimizers.SGD` (plain, momentum, Nesterov), with decoupled weight decay (keras_new).
 
+References: keras-team/keras v2.15.0, keras/src/optimizers/sgd.py;
+keras-team/keras v3.15.1, keras/src/optimizers/sgd.py.
+
     m = momentum m - lr g;   var += m          (nesterov: var += momentum m - lr g)
     momentum == 0 (Keras 3 only, no slot):    var -= lr g
 
@@ -15,7 +18,8 @@ Not covered by a golden trajectory (docs/optimizers.md).
 """
 from sparseps.errors import InvalidArgument
 
-from .base import as_bool, as_float, cast_via_f32
+from .base import cast_via_f32
+from .config_values import as_bool, as_float
 from .keras_new import Keras3Mixin, KerasNewOptimizer
 
 

@@ -1,5 +1,7 @@
 """tfa.optimizers.LazyAdam (tensorflow-addons 0.23): Adam that touches only the pushed rows.
 
+Reference: tensorflow/addons v0.23.0, tensorflow_addons/optimizers/lazy_adam.py.
+
     lr_t = lr * sqrt(1 - b2^t) / (1 - b1^t)      t = the optimizer's global iterations + 1
     for each pushed row r (duplicates summed first):
         m[r] = b1 m[r] + (1 - b1) g[r];  v[r] = b2 v[r] + (1 - b2) g[r]^2

@@ -1,6 +1,8 @@
 """TF1 `tf.contrib.opt.LazyAdamOptimizer` (TensorFlow 1.15, contrib commit 6fca0304), the lazy
 variant of `tf.train.AdamOptimizer` (Kingma & Ba 2014).
 
+Reference: tensorflow/tensorflow v1.15.5, tensorflow/contrib/opt/python/training/lazy_adam_optimizer.py.
+
     lr_t = lr * sqrt(1 - beta2_power) / (1 - beta1_power)
     sparse, for each pushed row r (duplicates summed first), untouched rows frozen:
         m[r] = beta1 m[r] + (1 - beta1) g[r];  v[r] = beta2 v[r] + (1 - beta2) g[r]^2
@@ -21,7 +23,8 @@ entry (the server still counts pushes, like a `global_step` passed to apply_grad
 """
 import numpy as np
 
-from .base import F32, as_bool, as_float, hyper
+from .base import F32, hyper
+from .config_values import as_bool, as_float
 from .lazy_adam import LazyAdam
 
 TF1_SLOT_NAMES = {"m": "Adam", "v": "Adam_1"}
@@ -34,10 +37,6 @@ class LazyAdamV1(LazyAdam):
     nonslot_names = ("beta1_power", "beta2_power")
     legacy_keras = False
     keras_module = None
-
-    @classmethod
-    def flavour(cls, config):
-        return cls
 
     def parse_base(self, config):
         self.parse_name(config, default="Adam")  # AdamOptimizer's default name

@@ -1,6 +1,8 @@
 """tfa.optimizers.Lookahead (tensorflow-addons 0.23), Zhang et al. 2019, "Lookahead Optimizer:
 k steps forward, 1 step back" (arXiv:1907.08610).
 
+Reference: tensorflow/addons v0.23.0, tensorflow_addons/optimizers/lookahead.py.
+
     fast weights: var updated by the inner optimizer on every push
     if (iterations + 1) % sync_period == 0:      (the shared counter, before it advances)
         slow = slow + slow_step_size * (var - slow);   var = slow       (whole tensor)
@@ -16,7 +18,9 @@ get_weights(): iterations, slow(A), slow(B), ... then the inner optimizer's slot
 """
 from sparseps.errors import InvalidArgument
 
-from .base import Optimizer, as_float, as_int, cast_via_f32
+from .base import Optimizer, cast_via_f32
+from .config_values import as_float, as_int
+from .registry import from_config
 
 
 class Lookahead(Optimizer):
@@ -36,7 +40,6 @@ class Lookahead(Optimizer):
                                   "set decay on the inner optimizer")
 
     def parse(self):
-        from . import from_config
         inner = self.hp["optimizer"]
         if inner is None:
             raise InvalidArgument("Lookahead: config key 'optimizer' is required (the wrapped optimizer, "
@@ -94,6 +97,9 @@ class Lookahead(Optimizer):
         self.inner.after_variable(bk, var, slots, c)
         if not c["lookahead_sync"]:
             return
+        fused = bk.kernel("lookahead_sync")
+        if fused is not None:
+            return fused(var, slots["slow"], c["lookahead_alpha"])
         slow = bk.read(slots["slow"])
         step_back = slow + c["lookahead_alpha"] * (bk.read(var) - slow)
         bk.assign(slots["slow"], step_back)

@@ -1,6 +1,8 @@
 """tfa.optimizers.RectifiedAdam (tensorflow-addons 0.23), Liu et al. 2019, "On the Variance of the
 Adaptive Learning Rate and Beyond" (arXiv:1908.03265).
 
+Reference: tensorflow/addons v0.23.0, tensorflow_addons/optimizers/rectified_adam.py.
+
     t = iterations + 1;   m = b1 m + (1 - b1) g;   v = b2 v + (1 - b2) g^2
     m_hat = m / (1 - b1^t);   v_hat = sqrt(v / (1 - b2^t))       (amsgrad: vhat = max(vhat, v))
     sma_inf = 2 / (1 - b2) - 1;   sma_t = sma_inf - 2 t b2^t / (1 - b2^t)
@@ -22,7 +24,9 @@ of a negative number: the touched rows become NaN, exactly like the reference.
 """
 import numpy as np
 
-from .base import Optimizer, as_bool, as_float, as_int, exact, hyper, power
+from . import schedules
+from .base import Optimizer, exact, hyper, power
+from .config_values import as_bool, as_float, as_int
 
 
 class RectifiedAdam(Optimizer):
@@ -34,7 +38,6 @@ class RectifiedAdam(Optimizer):
                 "warmup_proportion": 0.1, "min_lr": 0.0}
 
     def parse(self):
-        from . import schedules
         self.parse_learning_rate()
         for key in ("beta_1", "beta_2", "sma_threshold", "warmup_proportion", "min_lr"):
             self.hp[key] = as_float(key, self.hp[key])
@@ -52,7 +55,6 @@ class RectifiedAdam(Optimizer):
         return ["m", "v", "vhat"] if self.hp["amsgrad"] else ["m", "v"]
 
     def decayed_wd(self, iterations, dtype):
-        from . import schedules
         wd = self.hp["weight_decay"]
         if isinstance(wd, schedules.Schedule):
             return np.dtype(dtype).type(wd(iterations))
@@ -103,6 +105,9 @@ class RectifiedAdam(Optimizer):
 
     def apply_dense(self, bk, var, slots, grad, c):
         m, v = slots["m"], slots["v"]
+        fused = bk.kernel("radam_dense")
+        if fused is not None:
+            return fused(var, m, v, slots["vhat"] if self.hp["amsgrad"] else None, grad, c, self.has_weight_decay)
         m_t = c["b1"] * bk.read(m) + c["one_minus_b1"] * grad
         bk.assign(m, m_t)
         v_t = c["b2"] * bk.read(v) + c["one_minus_b2"] * (grad * grad)
@@ -117,6 +122,10 @@ class RectifiedAdam(Optimizer):
 
     def apply_sparse(self, bk, var, slots, ids, rows, c):
         m, v = slots["m"], slots["v"]
+        fused = bk.kernel("radam_sparse")
+        if fused is not None:
+            return fused(var, m, v, slots["vhat"] if self.hp["amsgrad"] else None, ids, rows, c,
+                         self.has_weight_decay)
         bk.assign(m, bk.read(m) * c["b1"])
         bk.scatter_add(m, ids, rows * c["one_minus_b1"])
         bk.assign(v, bk.read(v) * c["b2"])

@@ -1,4 +1,7 @@
-"""RMSprop (Hinton, Coursera lecture 6e): Keras 2.15 legacy `RMSprop` (optimizer_v2) and Keras 3.
+"""RMSprop (Hinton, Coursera lecture 6e). Reference: keras-team/keras 2.15,
+keras/src/optimizers/legacy/rmsprop.py (optimizer_v2) with tensorflow 2.15 core/kernels/training_ops.cc
+(ApplyRMSProp, ApplyCenteredRMSProp, SparseApply[Centered]RMSPropOp); Keras 3:
+keras/src/optimizers/rmsprop.py (TF backend).
 
 Legacy, momentum == 0 (Python ops in Keras; slots `rms`, centered also `mg`):
     rms = rho rms + (1 - rho) g^2;  (centered: mg = rho mg + (1 - rho) g;  d = rms - mg^2)
@@ -20,8 +23,9 @@ import numpy as np
 
 from sparseps.errors import InvalidArgument
 
-from .base import Optimizer, as_bool, as_float, exact, hyper
-from .keras_new import Keras3Mixin, KerasNewOptimizer, pick_flavour
+from .base import Optimizer, exact, hyper
+from .config_values import as_bool, as_float
+from .keras_new import Keras3Mixin, KerasNewOptimizer
 
 
 def _parse(opt, eps_default):
@@ -39,10 +43,6 @@ class RMSprop(Optimizer):
     class_names = ("RMSprop",)
     defaults = {"learning_rate": 0.001, "decay": 0.0, "rho": 0.9, "momentum": 0.0, "epsilon": 1e-7,
                 "centered": False}
-
-    @classmethod
-    def flavour(cls, config):
-        return pick_flavour(config, RMSprop, Keras3RMSprop) if cls is RMSprop else cls
 
     def parse(self):
         _parse(self, 1e-7)   # optimizer_v2: `epsilon or backend_config.epsilon()`

@@ -1,5 +1,7 @@
 """Keras learning-rate schedules, evaluated in float32 with the reference's operation order.
 
+Reference: keras-team/keras v2.15.0, keras/src/optimizers/schedules/learning_rate_schedule.py.
+
 The reference calls a schedule with the 0-based `iterations` and casts the float32 result to the
 variable's dtype. Transcendentals are float64 results rounded to float32 (TF's float32 pow is
 correctly rounded; cos/log may differ from TF by an ulp, which the conformance tolerance covers).
@@ -11,7 +13,7 @@ import numpy as np
 
 from sparseps.errors import InvalidArgument
 
-from .base import as_bool, as_float, as_int
+from .config_values import as_bool, as_float
 
 F = np.float32
 

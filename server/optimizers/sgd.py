@@ -1,28 +1,24 @@
 """Keras legacy SGD (optimizer_v2 `gradient_descent`): plain, momentum, Nesterov.
 
+Reference: keras-team/keras v2.15.0, keras/src/optimizers/legacy/gradient_descent.py.
+
     momentum == 0:  var -= lr g            (sparse: raw rows scatter-added, duplicates not summed)
     momentum > 0:   a = momentum a - lr g;  var += a   (nesterov: var += momentum a - lr g)
 """
-from .base import Optimizer, as_bool, as_float, hyper
+from sparseps.errors import InvalidArgument
+
+from .base import Optimizer, hyper
+from .config_values import as_bool, as_float
 
 
 class SGD(Optimizer):
     class_names = ("SGD",)
     defaults = {"learning_rate": 0.01, "decay": 0.0, "momentum": 0.0, "nesterov": False}
 
-    @classmethod
-    def flavour(cls, config: dict) -> type:
-        """`SGD` also names the Keras 2.11+ and Keras 3 classes (keras_new.flavour)."""
-        if cls is not SGD:
-            return cls
-        from . import keras_new, keras_sgd
-        return {"legacy": SGD, "keras2": keras_sgd.KerasSGD, "keras3": keras_sgd.Keras3SGD}[keras_new.flavour(config)]
-
     def parse(self):
         self.parse_learning_rate()
         self.hp["momentum"] = as_float("momentum", self.hp["momentum"])
         if not 0 <= self.hp["momentum"] <= 1:
-            from sparseps.errors import InvalidArgument
             raise InvalidArgument(f"optimizer config key 'momentum': must be between [0, 1], got {self.hp['momentum']!r}")
         self.hp["nesterov"] = as_bool("nesterov", self.hp["nesterov"])
 
@@ -33,6 +29,9 @@ class SGD(Optimizer):
         return {"lr_t": self.decayed_lr(iterations, dtype), "momentum": hyper(self.hp["momentum"], dtype)}
 
     def apply_dense(self, bk, var, slots, grad, c):
+        fused = bk.kernel("sgd_dense")
+        if fused is not None:
+            return fused(var, slots.get("momentum"), grad, c["lr_t"], c["momentum"], self.hp["nesterov"])
         if not slots:  # ResourceApplyGradientDescent
             bk.assign(var, bk.read(var) - grad * c["lr_t"])
             return
@@ -52,6 +51,9 @@ class SGD(Optimizer):
         if not slots:  # only reached through Lookahead (where the reference fails without momentum)
             bk.scatter_add(var, ids, -rows * c["lr_t"])
             return
+        fused = bk.kernel("momentum_sparse")
+        if fused is not None:
+            return fused(var, slots["momentum"], ids, rows, c["lr_t"], c["momentum"], self.hp["nesterov"])
         a = bk.gather(slots["momentum"], ids) * c["momentum"] - rows * c["lr_t"]
         bk.scatter_update(slots["momentum"], ids, a)
         step = a * c["momentum"] - rows * c["lr_t"] if self.hp["nesterov"] else a
