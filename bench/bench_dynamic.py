@@ -3,6 +3,7 @@
     python bench/bench_dynamic.py                          # 10M keys x 32, B=4096 Zipf, LazyAdam
     python bench/bench_dynamic.py --keys 1000000 --dim 64 --json out.json
     python bench/bench_dynamic.py --rss 1000000,10000000   # + RSS per live row, one process each
+    python bench/bench_dynamic.py --keys 0 --e2e --workers 2 # end-to-end push_pull steps/s, 2 workers
 
 What is timed (the shard's own push/pull path, no transport: `Shard.push` / `Shard.pull`):
   apply: one LazyAdam step of a batch of B Zipf-distributed ids (duplicates included) into a
@@ -12,6 +13,11 @@ What is timed (the shard's own push/pull path, no transport: `Shard.push` / `Sha
   evict: rows removed per second by an age eviction of half of a table of `--evict-keys` rows.
 Each repetition times both in rotating order; reported: the median of each and of the per-rep
 ratio dynamic / fixed, [min, max].
+
+e2e:   one numba shard holds a fixed 1M x dim table and a dynamic one; `--workers` worker
+       processes (bench/harness.py) run push_pull steps of 4096 Zipf ids on one, then the other
+       (the dynamic one keyed by splitmix64(id), its rows created during warm-up), round by round;
+       reported: steps/s of each and the per-round ratio dynamic / fixed.
 
 RSS: a fresh process creates a dynamic table of `dim` float32 with LazyAdam (value + m + v), fills
 it with K distinct keys by pushes of 1M keys, and reports (RSS after - RSS before) / K against
@@ -85,6 +91,11 @@ def main(argv=None):
     p.add_argument("--evict-keys", type=int, default=1_000_000)
     p.add_argument("--rss", default="", help="comma-separated key counts for the RSS measurement")
     p.add_argument("--rss-child", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--e2e", action="store_true", help="also the end-to-end push_pull comparison")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--e2e-rows", type=int, default=1_000_000)
+    p.add_argument("--dur", type=float, default=5.0, help="e2e: seconds per measurement")
+    p.add_argument("--rounds", type=int, default=3, help="e2e: rounds (fixed and dynamic each)")
     p.add_argument("--json", default="")
     args = p.parse_args(argv)
     if args.rss_child:
@@ -94,6 +105,8 @@ def main(argv=None):
     if args.keys:
         out.update(apply_and_pull(args))
         out["evict"] = evict_rate(args)
+    if args.e2e:
+        out["e2e"] = e2e(args)
     if args.rss:
         out["rss"] = []
         for k in (int(x) for x in args.rss.split(",")):
@@ -140,6 +153,39 @@ def apply_and_pull(args):
                      "dynamic_ids_per_s": statistics.median(res[f"{what}_dynamic"]),
                      "ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios)}
     return out
+
+
+def e2e(args):
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import sparseps
+    from harness import run_workers, setup_table, start_sparseps
+    servers = start_sparseps(1)
+    try:
+        client = sparseps.connect(servers[0].address)
+        setup_table(client, args.e2e_rows, args.dim)
+        client.create_variable("demb", dim=args.dim, dynamic=True, optimizer="opt",
+                               initializer={"class_name": "RandomUniform",
+                                            "config": {"minval": -0.05, "maxval": 0.05, "seed": 3}})
+        wargs = argparse.Namespace(dist="zipf", rows=args.e2e_rows, dim=args.dim, batch=args.batch, bag=8,
+                                   dur=args.dur, warmup_steps=20, client_mallopt=False, push_pull=True,
+                                   data_plane=True, start_margin=2.0)
+        pids = [s.pid for s in servers]
+        rounds = []
+        for r in range(args.rounds):
+            order = [("fixed", "emb", False), ("dynamic", "demb", True)]
+            if r % 2:
+                order.reverse()
+            got = {kind: run_workers(servers[0].address, pids, args.workers, wargs, var=var, keyed=keyed)["steps_s"]
+                   for kind, var, keyed in order}
+            got["ratio"] = got["dynamic"] / got["fixed"]
+            rounds.append(got)
+        ratios = [r["ratio"] for r in rounds]
+        return {"workers": args.workers, "rows": args.e2e_rows, "rounds": rounds,
+                "live_rows_dynamic": client.variable("demb").size(),
+                "ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios)}
+    finally:
+        for s in servers:
+            s.stop()
 
 
 def evict_rate(args):

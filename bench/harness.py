@@ -359,6 +359,9 @@ def worker_main(cfg: dict):
     import sparseps
     client = sparseps.connect(cfg["addresses"], data_plane=cfg.get("data_plane", True))
     pool = id_pool(cfg["dist"], cfg["rows"], cfg["batch"], seed=100 + cfg["index"])
+    if cfg.get("keyed"):   # a dynamic table: the same ids as int64 keys (a fixed bijection over 64 bits)
+        from sparseps.partition import splitmix64
+        pool = [splitmix64(x.astype(np.uint64)).view(np.int64) for x in pool]
     uniqs = [np.unique(x, return_inverse=True) for x in pool]
     rng = np.random.default_rng(cfg["index"])
     grads = grad_pool(cfg["batch"], cfg["dim"], seed=200 + cfg["index"])
@@ -440,7 +443,7 @@ def worker_main(cfg: dict):
 
 
 def run_workers(addresses, pids, n: int, args, model="none", sync=False, start_margin=None, steps=None,
-                var="emb", opt="opt") -> dict:
+                var="emb", opt="opt", keyed=False) -> dict:
     """Start n worker processes, run them for args.dur seconds (or `steps` steps each) from a common
     instant, aggregate."""
     margin = start_margin if start_margin is not None else args.start_margin + 0.75 * n
@@ -451,7 +454,7 @@ def run_workers(addresses, pids, n: int, args, model="none", sync=False, start_m
                "batch": args.batch, "bag": args.bag, "model": model, "start_at": start_at, "dur": args.dur,
                "warmup_steps": args.warmup_steps, "sync": sync, "client_mallopt": args.client_mallopt,
                "push_pull": getattr(args, "push_pull", False), "data_plane": getattr(args, "data_plane", True),
-               "steps": steps, "var": var, "opt": opt}
+               "steps": steps, "var": var, "opt": opt, "keyed": keyed}
         procs.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(cfg)],
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     # server CPU over the window

@@ -4,6 +4,7 @@
     sparseps demo --workers 4 --plot loss.png       # 4 worker processes sharing one optimizer
     sparseps demo --address h1:50051,h2:50051       # an existing cluster (all its shards)
     sparseps demo --keras                           # the same model through sparseps.keras (TensorFlow)
+    sparseps demo --dynamic                         # examples/train_hashed_ctr.py: hashed 64-bit ids, dynamic tables
 
 The data come from a known model -- user and item factors, item biases, Zipf item and user
 popularity -- so the demo reports how well the truth is recovered (correlation of the learned
@@ -39,6 +40,10 @@ def add_arguments(p):
                    help="pushes a worker may have in flight while it computes (0: synchronous; default 2)")
     p.add_argument("--no-prefetch", action="store_true", help="do not pull the next batch's rows ahead of time")
     p.add_argument("--keras", action="store_true", help="train through sparseps.keras (needs TensorFlow)")
+    p.add_argument("--dynamic", action="store_true",
+                   help="instead: a CTR model on hashed 64-bit ids in dynamic tables under eviction "
+                        "(examples/train_hashed_ctr.py, TensorFlow); its own options follow: "
+                        "sparseps demo --dynamic --help")
     p.add_argument("--plot", default=None, metavar="PATH", help="write the loss curves to this PNG")
     p.add_argument("--name", default=None, help="prefix of the cluster's variable names (default demo<seed>)")
     p.add_argument("--seed", type=int, default=0)
@@ -295,6 +300,20 @@ def _progress(total, desc, position=0, disable=False):
             def close(self):
                 pass
         return Plain()
+
+
+def run_dynamic(argv) -> int:
+    """`sparseps demo --dynamic ARGS`: examples/train_hashed_ctr.py's main(ARGS), from the source tree."""
+    import importlib.util
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples",
+                        "train_hashed_ctr.py")
+    if not os.path.exists(path):
+        raise SystemExit(f"sparseps demo --dynamic runs examples/train_hashed_ctr.py of a source checkout of "
+                         f"sparseps, not found at {path}; run it from the repository (pip install -e '.[tf]')")
+    spec = importlib.util.spec_from_file_location("train_hashed_ctr", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(list(argv), prog="sparseps demo --dynamic")
 
 
 def run(args):

@@ -78,7 +78,8 @@ class Pulls:
         """(keys, rows) of every live row of a dynamic variable (or of a slot), those updated after
         optimizer step `since_step` when it is > 0. Each shard is read in chunks of positions and
         read again if its rows moved meanwhile (an eviction: its table_version changed), so every
-        row that stayed live is exported exactly once."""
+        row that stayed live is exported exactly once. A slot's rows since a step are those of the
+        keys whose rows were updated after it."""
         layout, dtype, shape, _ = self._placements.get(name)
         if layout.strategy != "hash":
             raise errors.InvalidArgument(f"export of {name!r}: export is for dynamic variables; pull() a fixed table")
@@ -108,7 +109,12 @@ class Pulls:
                                      f"{attempts} attempts; try again")
         if not keys:
             return np.zeros(0, np.int64), np.zeros((0,) + shape[1:], dtype)
-        return np.concatenate(keys).astype(np.int64, copy=False), np.concatenate(rows)
+        keys, rows = np.concatenate(keys).astype(np.int64, copy=False), np.concatenate(rows)
+        if since_step and slot:   # slot reads carry no since_step: the keys updated since
+            changed = self.export(name, "", since_step, attempts)[0]
+            keep = np.isin(keys, changed)
+            keys, rows = keys[keep], rows[keep]
+        return keys, rows
 
     def request(self, slot, name, ids, min_iterations, timeout, worker_id="", k=0, attach=None):
         if slot:

@@ -106,10 +106,9 @@ def _paths(variables, mapping):
 # ---------------------------------------------------------------------------------------- export
 def export_checkpoint(client, out_dir: str, optimizer: str | None = None, mapping: dict | None = None,
                       prefix: str = "ckpt") -> str:
-    """Write the optimizer's variables, slots, iterations and hyper-parameters; returns the path prefix."""
-    tf = _tf()
-    from tensorflow.core.protobuf import trackable_object_graph_pb2 as tog
-
+    """Write the optimizer's variables, slots, iterations and hyper-parameters; returns the path prefix.
+    Fixed tables only: a dynamic variable has no Keras 2 layout (`sparseps export --tf-checkpoint`
+    writes its keys and rows)."""
     name = _pick_optimizer(client, optimizer)
     opt = client.optimizer(name)
     info = opt._info()
@@ -118,6 +117,11 @@ def export_checkpoint(client, out_dir: str, optimizer: str | None = None, mappin
     variables = list(info.variables)
     if not variables:
         raise errors.FailedPrecondition(f"optimizer {name!r} has no variables to export")
+    _refuse_dynamic(client, variables, "export-tf", "export each with `sparseps export ADDR --variable NAME "
+                                                    "--tf-checkpoint DIR` (keys and values as two tensors)")
+    tf = _tf()
+    from tensorflow.core.protobuf import trackable_object_graph_pb2 as tog
+
     slot_names = list(info.slot_names)
     paths = _paths(variables, mapping)
     iterations = opt.iterations
@@ -187,6 +191,15 @@ def export_checkpoint(client, out_dir: str, optimizer: str | None = None, mappin
     tf.raw_ops.SaveV2(prefix=path_prefix, tensor_names=keys, shape_and_slices=[""] * len(keys), tensors=values)
     _write_state(out_dir, os.path.basename(path_prefix))
     return path_prefix
+
+
+def _refuse_dynamic(client, variables, what, instead):
+    dynamic = [v for v in variables if client.variable(v).dynamic]
+    if dynamic:
+        raise errors.FailedPrecondition(
+            f"{what}: {', '.join(map(repr, dynamic))} " + ("is a dynamic variable" if len(dynamic) == 1 else
+                                                            "are dynamic variables")
+            + f" (rows keyed by int64, no row count), which the Keras 2 checkpoint layout cannot hold; {instead}")
 
 
 def _next_number(out_dir, prefix):
@@ -294,6 +307,8 @@ def import_checkpoint(client, path: str, optimizer: str | None = None, mapping: 
             f"({paths}); map them with --var NAME=PATH" + ("" if create else " (and --create to create them)"))
     restored = []
     existing = {v.name for v in client.variables()}
+    _refuse_dynamic(client, [by_path[p] for p in ck["variables"] if by_path[p] in existing], "import-tf",
+                    "write their rows with client.set_weights([(NAME, '', keys, rows)])")
     for p, value in ck["variables"].items():
         var = by_path[p]
         value = np.asarray(value)

@@ -51,6 +51,7 @@ METHOD_ROLES = {
     "CreateVariable": "admin",
     "SetWeights": "admin",
     "Checkpoint": "admin",
+    "Evict": "admin",        # removes rows of dynamic variables (`sparseps evict`)
     "SyncVote": "train",     # sync mode: a trainer's vote, sent to shard 0
     "SyncCommit": "admin",   # sync mode: shard 0 to its peers (SPARSEPS_PEER_TOKEN must be an admin token)
 }

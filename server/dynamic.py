@@ -177,8 +177,10 @@ class DynamicTable:
         return np.ones(len(keys), bool)
 
     # ---------------------------------------------------------------- rows
-    def reserve(self, cap: int):
-        """Metadata room for `cap` rows (values and slots are grown by the Shard alongside)."""
+    def reserve(self, cap: int, keys: int):
+        """Metadata room for `cap` rows, and index room for `keys` keys (values and slots are grown
+        by the Shard alongside); allocated before anything changes."""
+        self.index.reserve(keys)
         if cap <= len(self.keys):
             return
         for name in ("keys", "step", "when"):
@@ -186,7 +188,6 @@ class DynamicTable:
             new = np.zeros(cap, old.dtype)
             new[:self.live] = old[:self.live]
             setattr(self, name, new)
-        self.index.reserve(cap)
 
     def add(self, keys: np.ndarray, step: int) -> np.ndarray:
         """Rows for distinct new keys at the end (room reserved); returns their positions."""
@@ -200,6 +201,7 @@ class DynamicTable:
         return pos
 
     def touch(self, pos: np.ndarray, step: int):
+        """Rows `pos` (duplicates allowed) were updated by step `step`, now."""
         self.step[pos] = step
         self.when[pos] = int(time.time())
 

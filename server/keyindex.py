@@ -1,14 +1,16 @@
 """The index of a dynamic table: int64 key -> row number, an open-addressing hash table.
 
-Linear probing over two flat arrays (`keys` int64, `rows` int32, -1 = empty bucket), so a bucket
-costs 12 bytes and a lookup of a batch is one compiled loop with no Python object per key. The
-bucket of a key is the top bits of a 64-bit mix of it (splitmix64's finaliser, salted, so that
-the bits routing already used to pick the shard play no part here). Deletion shifts the following
-run of the cluster back instead of leaving tombstones, so probing stays correct and short after
-any number of evictions (Knuth's algorithm R).
+Linear probing over one flat (capacity, 2) int64 array of buckets (key, row; row -1 = empty), so
+a probe touches one cache line and a lookup of a batch is one compiled loop with no Python
+object per key: a first pass hashes every key and prefetches its bucket, a second probes, so the
+memory latency of thousands of independent lookups overlaps. The bucket of a key is the top bits
+of a 64-bit mix of it (splitmix64's finaliser, salted, so that the bits routing used to pick the
+shard play no part here). Deletion shifts the following run of the cluster back instead of
+leaving tombstones, so probing stays correct and short after any number of evictions (Knuth's
+algorithm R).
 
-Every key is legal, the full int64 range included: emptiness lives in `rows`, not in `keys`.
-The table doubles from 3/4 full, so its memory is 16-32 bytes per live key.
+Every key is legal, the full int64 range included: emptiness lives in the row, not in the key.
+The table doubles from 3/4 full, so its memory is 21-43 bytes per live key.
 
 The kernels are numba-compiled when numba is installed (the server's `server` extra) and run as
 plain Python otherwise: slower, same results.
@@ -17,13 +19,17 @@ import numpy as np
 
 try:
     import numba
+
+    from .backends.fused import _prefetch_w as _prefetch
     _jit = numba.njit(nogil=True, cache=True)
 except ImportError:   # pragma: no cover - the numpy-only server
     def _jit(fn):
         return fn
 
+    def _prefetch(arr, row, col):
+        pass
+
 EMPTY = -1
-_SALT = np.uint64(0x5851F42D4C957F2D)
 MIN_LOG2 = 4
 
 
@@ -38,43 +44,49 @@ def _bucket(key, shift):
 
 
 @_jit
-def _lookup(tkeys, trows, shift, query, out):
-    mask = tkeys.shape[0] - 1
-    for i in range(query.shape[0]):
+def _lookup(tab, shift, query, out):
+    mask = tab.shape[0] - 1
+    n = query.shape[0]
+    for i in range(n):   # pass 1: home buckets, prefetched
+        b = _bucket(query[i], shift)
+        out[i] = b
+        _prefetch(tab, b, 0)
+    for i in range(n):   # pass 2: probe
         k = query[i]
-        b = _bucket(k, shift)
-        out[i] = -1
-        while trows[b] != -1:
-            if tkeys[b] == k:
-                out[i] = trows[b]
+        b = out[i]
+        r = -1
+        while tab[b, 1] != -1:
+            if tab[b, 0] == k:
+                r = tab[b, 1]
                 break
             b = (b + 1) & mask
+        out[i] = r
 
 
 @_jit
-def _insert(tkeys, trows, shift, query, rows):
-    """Insert absent keys (the caller checked); a key present is overwritten."""
-    mask = tkeys.shape[0] - 1
+def _insert(tab, shift, query, rows):
+    """Insert absent keys (the caller checked); a key present gets the new row."""
+    mask = tab.shape[0] - 1
     for i in range(query.shape[0]):
         k = query[i]
         b = _bucket(k, shift)
-        while trows[b] != -1 and tkeys[b] != k:
+        while tab[b, 1] != -1 and tab[b, 0] != k:
             b = (b + 1) & mask
-        tkeys[b] = k
-        trows[b] = rows[i]
+        tab[b, 0] = k
+        tab[b, 1] = rows[i]
 
 
 @_jit
-def _remove(tkeys, trows, shift, query, out):
+def _remove(tab, shift, query, out):
     """Delete keys; out[i] = the row the key had, or -1. Backward-shift deletion."""
-    mask = tkeys.shape[0] - 1
+    mask = tab.shape[0] - 1
     for i in range(query.shape[0]):
         k = query[i]
         b = _bucket(k, shift)
         out[i] = -1
-        while trows[b] != -1:
-            if tkeys[b] == k:
-                out[i] = trows[b]
+        while tab[b, 1] != -1:
+            if tab[b, 0] == k:
+                out[i] = tab[b, 1]
                 break
             b = (b + 1) & mask
         if out[i] == -1:
@@ -83,29 +95,29 @@ def _remove(tkeys, trows, shift, query, out):
         j = b
         while True:
             j = (j + 1) & mask
-            if trows[j] == -1:
+            if tab[j, 1] == -1:
                 break
-            home = _bucket(tkeys[j], shift)
+            home = _bucket(tab[j, 0], shift)
             # the entry at j may move into the hole if its home is not in (hole, j] cyclically
             if (j > hole and (home <= hole or home > j)) or (j < hole and (home <= hole and home > j)):
-                tkeys[hole] = tkeys[j]
-                trows[hole] = trows[j]
+                tab[hole, 0] = tab[j, 0]
+                tab[hole, 1] = tab[j, 1]
                 hole = j
-        trows[hole] = -1
+        tab[hole, 1] = -1
 
 
 @_jit
-def _rehash(okeys, orows, tkeys, trows, shift):
-    mask = tkeys.shape[0] - 1
-    for i in range(okeys.shape[0]):
-        if orows[i] == -1:
+def _rehash(old, tab, shift):
+    mask = tab.shape[0] - 1
+    for i in range(old.shape[0]):
+        if old[i, 1] == -1:
             continue
-        k = okeys[i]
+        k = old[i, 0]
         b = _bucket(k, shift)
-        while trows[b] != -1:
+        while tab[b, 1] != -1:
             b = (b + 1) & mask
-        tkeys[b] = k
-        trows[b] = orows[i]
+        tab[b, 0] = k
+        tab[b, 1] = old[i, 1]
 
 
 class KeyIndex:
@@ -120,8 +132,8 @@ class KeyIndex:
 
     def _alloc(self, log2):
         self.log2 = log2
-        self.keys = np.zeros(1 << log2, np.int64)
-        self.rows = np.full(1 << log2, EMPTY, np.int32)
+        self.tab = np.empty((1 << log2, 2), np.int64)
+        self.tab[:, 1] = EMPTY
 
     @property
     def shift(self) -> int:
@@ -129,12 +141,12 @@ class KeyIndex:
 
     @property
     def nbytes(self) -> int:
-        return self.keys.nbytes + self.rows.nbytes
+        return self.tab.nbytes
 
     def lookup(self, keys: np.ndarray) -> np.ndarray:
         """Row of each key (int64), -1 where the key has no row."""
         out = np.empty(len(keys), np.int64)
-        _lookup(self.keys, self.rows, self.shift, np.ascontiguousarray(keys, np.int64), out)
+        _lookup(self.tab, self.shift, np.ascontiguousarray(keys, np.int64), out)
         return out
 
     def reserve(self, n: int):
@@ -143,25 +155,23 @@ class KeyIndex:
         while (1 << log2) * 3 < n * 4:
             log2 += 1
         if log2 != self.log2:
-            okeys, orows = self.keys, self.rows
+            old = self.tab
             self._alloc(log2)
-            _rehash(okeys, orows, self.keys, self.rows, self.shift)
+            _rehash(old, self.tab, self.shift)
 
     def insert(self, keys: np.ndarray, rows: np.ndarray):
         """Add distinct keys that are absent, with their rows."""
         self.reserve(self.size + len(keys))
-        _insert(self.keys, self.rows, self.shift, np.ascontiguousarray(keys, np.int64),
-                np.ascontiguousarray(rows, np.int32))
+        _insert(self.tab, self.shift, np.ascontiguousarray(keys, np.int64), np.ascontiguousarray(rows, np.int64))
         self.size += len(keys)
 
     def move(self, keys: np.ndarray, rows: np.ndarray):
         """Point present keys at new rows."""
-        _insert(self.keys, self.rows, self.shift, np.ascontiguousarray(keys, np.int64),
-                np.ascontiguousarray(rows, np.int32))
+        _insert(self.tab, self.shift, np.ascontiguousarray(keys, np.int64), np.ascontiguousarray(rows, np.int64))
 
     def remove(self, keys: np.ndarray) -> np.ndarray:
         """Delete distinct keys; returns the row each had (-1: it had none)."""
         out = np.empty(len(keys), np.int64)
-        _remove(self.keys, self.rows, self.shift, np.ascontiguousarray(keys, np.int64), out)
+        _remove(self.tab, self.shift, np.ascontiguousarray(keys, np.int64), out)
         self.size -= int((out >= 0).sum())
         return out

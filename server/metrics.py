@@ -26,6 +26,9 @@ What is measured where (every name starts with `sparseps_`; every series has a `
   memory_budget_bytes, memory_budget_in_use_bytes    gauge  --memory-budget-mb, and the bytes of the
                                                    requests (and pull answers) admitted and not yet done
   requests_shed_total                   counter    requests refused because they would exceed the budget
+  table_live_rows{variable}             gauge      dynamic variables: live rows held here
+  table_rows_total{variable,event}      counter    dynamic variables: rows created, admitted, evicted,
+                                                   refused_admission, refused_capacity (docs/dynamic.md)
   device_memory_bytes{device}, device_memory_budget_bytes{device}  gauge  --backend cuda: device
                                                    memory held by tables, slots and transfer buffers,
                                                    and its budget (--device-memory-budget-mb)

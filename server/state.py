@@ -43,9 +43,10 @@ class Grad:
     ids: np.ndarray | None
     values: np.ndarray
     l2sum: float | None = None   # the whole gradient's sum of squares when it was split over shards
+    rows: np.ndarray | None = None   # a dynamic variable: its keys' row positions, when all had one
 
     def replace(self, values):
-        return Grad(self.var, self.ids, values, self.l2sum)
+        return Grad(self.var, self.ids, values, self.l2sum, self.rows)
 
 
 @dataclass
@@ -379,6 +380,8 @@ class Shard:
             if keys is not None:
                 pos = table.index.lookup(keys)
                 found = pos >= 0
+                if arr is not None and found.all():
+                    return self.bk.to_numpy(arr, pos), None, iterations
                 values = np.empty((len(keys),) + var.shape[1:], var.dtype)
                 if arr is not None and found.any():
                     values[found] = self.bk.to_numpy(arr, pos[found])
@@ -484,11 +487,16 @@ class Shard:
             if new:
                 self._create_slots(opt, new)   # (decode_push refused a variable named twice)
             for g in grads:
-                if g.var.table is not None:
-                    keys = np.unique(g.ids)
-                    found = g.var.table.index.lookup(keys) >= 0
-                    admitted = int(g.var.table.admits(keys[~found], opt.iterations + 1, count=False).sum())
-                    self._make_room(g.var, admitted, "push", keep=int(found.sum()))
+                if g.var.table is not None and g.rows is None:
+                    pos = g.var.table.index.lookup(g.ids)
+                    missing = pos < 0
+                    if not missing.any():
+                        g.rows = pos   # (the step under this same hold of the lock reuses them)
+                    else:
+                        new = np.unique(g.ids[missing])
+                        admitted = int(g.var.table.admits(new, opt.iterations + 1, count=False).sum())
+                        keep = len(np.unique(pos[~missing])) if g.var.table.policy.capacity is not None else 0
+                        self._make_room(g.var, admitted, "push", keep=keep)
 
     # ------------------------------------------------------------------ dynamic rows
     def _make_room(self, var: Variable, new: int, what: str, keep: int = 0):
@@ -509,6 +517,11 @@ class Shard:
                        else "even after evicting every other row"))
             want = min(want, pol.capacity)
         if want <= table.capacity_rows:
+            try:
+                table.index.reserve(want)   # (the index may still need to double)
+            except MemoryError:
+                raise ResourceExhausted(f"{what}: out of memory growing the key index of dynamic variable "
+                                        f"{var.name!r} on shard {self.index}; nothing was changed") from None
             return
         row_bytes = int(np.prod(var.shape[1:], dtype=np.int64)) * var.dtype.itemsize * (1 + len(var.slots))
         cap = max(want, int(table.capacity_rows * 1.5), 1024)
@@ -520,7 +533,7 @@ class Shard:
                 f"{self.index} for {want} rows; this shard accepts at most {self.max_variable_bytes / 2 ** 30:.3g} "
                 "GiB per variable: add shards, or bound the table (capacity, eviction)")
         try:
-            table.reserve(cap)
+            table.reserve(cap, want)
             value = self.bk.grow(var.value, cap, table.live)
             slots = {n: self.bk.grow(a, cap, table.live) for n, a in var.slots.items()}
         except MemoryError:
@@ -534,7 +547,7 @@ class Shard:
         (their initial value and slots), gradients of keys not admitted are dropped."""
         var, table = g.var, g.var.table
         step = opt.iterations + 1
-        pos = table.index.lookup(g.ids)
+        pos = g.rows if g.rows is not None else table.index.lookup(g.ids)
         missing = pos < 0
         if missing.any():
             new = np.unique(g.ids[missing])
@@ -556,7 +569,7 @@ class Shard:
             g = Grad(var, pos[keep], g.values[keep], g.l2sum)
         else:
             g = Grad(var, pos, g.values, g.l2sum)
-        table.touch(np.unique(g.ids), step)
+        table.touch(g.ids, step)
         return g
 
     def _create_rows(self, var: Variable, keys, protect=None, values=None):

@@ -175,6 +175,17 @@ def test_dynamic_table_matches_reference_on_three_shards(client3, path, unique):
     replay_dynamic(client3, Golden(path), unique, check_every_step=False)
 
 
+# one float32 case per optimizer family: the CUDA kernels on a dynamic table's gathered rows
+CUDA_DYNAMIC_CASES = [p for p in DYNAMIC_CASES if p.stem in
+                      {"lazyadam_f32", "adam_table_f32", "radam_f32", "lookahead_radam_f32", "sgd_momentum_f32",
+                       "tf1contrib_lazyadam_f32", "lazyadam_f64"}]
+
+
+@pytest.mark.parametrize("path", CUDA_DYNAMIC_CASES, ids=[p.stem for p in CUDA_DYNAMIC_CASES])
+def test_dynamic_table_matches_reference_on_cuda(cuda_client, path, unique):
+    replay_dynamic(cuda_client, Golden(path), unique)
+
+
 CONFIG_CASES = [p for p in CASES if Golden(p).meta.get("reference_get_config") is not None]  # TF1 has none
 
 

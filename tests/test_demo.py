@@ -123,3 +123,49 @@ def test_async_pusher_and_prefetcher(numba_client, unique):
     u, inv = first_occurrence_unique(np.array([7, 2, 7, 5, 2]))
     np.testing.assert_array_equal(u, [7, 2, 5])
     np.testing.assert_array_equal(u[inv], [7, 2, 7, 5, 2])
+
+
+_REPORT = re.compile(r"step +(\d+): loss ([\d.]+); live rows: wide ([\d,]+) \(the keys of steps \d+-\d+: ([\d,]+); "
+                     r"([\d,]+) evicted by age\), deep ([\d,]+) \(capacity ([\d,]+)\)")
+
+
+def _dynamic_outcome(out):
+    """The reports of examples/train_hashed_ctr.py: every wide table size is exactly the keys its age
+    policy keeps, the deep table stays within its capacity; the loss falls and beats chance held out."""
+    reports = [[int(x.replace(",", "")) if "." not in x else float(x) for x in m.groups()]
+               for m in _REPORT.finditer(out)]
+    assert len(reports) >= 3, out
+    for step, _, wide, kept, _, deep, capacity in reports:
+        assert wide == kept, (step, wide, kept)
+        assert 0 < deep <= capacity, (step, deep, capacity)
+    assert reports[-1][4] > 0, out                     # the age policy removed rows
+    m = re.search(r"training loss ([\d.]+) -> ([\d.]+); held-out log-loss ([\d.]+) \(chance, the base rate: "
+                  r"([\d.]+)\), AUC ([\d.]+)", out)
+    assert m, out
+    first, last, held_out, chance, held_auc = (float(x) for x in m.groups())
+    assert last < first and held_out < chance - 0.02 and held_auc > 0.6, m.group(0)
+    return reports
+
+
+def test_dynamic_demo_starts_its_own_server_and_learns():
+    """`sparseps demo --dynamic` with its defaults: its own server, hashed Zipf ids over 2^62 keys."""
+    r = subprocess.run([sys.executable, "-m", "sparseps.cli", "demo", "--dynamic"], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    reports = _dynamic_outcome(r.stdout)
+    assert reports[-1][0] == 300 and "optimizer iterations 300" in r.stdout
+    assert max(rep[5] for rep in reports) > 0.9 * reports[-1][6]     # the deep table did fill to its capacity
+    pid = int(re.search(r"started a local sparseps-server at \S+ \(pid (\d+)\)", r.stdout).group(1))
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+def test_dynamic_demo_on_three_shards(cluster3, unique):
+    """On 3 shards: the capacity bound holds per shard (3 x --capacity in all), keys routed by hash."""
+    address = ",".join(s.address for s in cluster3)
+    out = _run(["--dynamic", "--address", address, "--name", unique, "--steps", "80", "--batch", "512",
+                "--capacity", "1500", "--max-age-steps", "20", "--evict-every", "10", "--report-every", "20"],
+               timeout=240)
+    reports = _dynamic_outcome(out)
+    assert "x 3 shard(s)" in out and all(rep[6] == 4500 for rep in reports)
+    assert max(rep[5] for rep in reports) > 0.8 * 4500

@@ -375,3 +375,37 @@ def test_restore_a_dynamic_table_onto_another_shard_count(tmp_path, old, new):
     finally:
         for s in restored:
             s.stop()
+
+
+def test_sync_and_bounded_modes_step_dynamic_tables(client3, unique):
+    """Sync mode aggregates replicas' keys (any int64) into one step; bounded mode counts clocks."""
+    c = client3
+    addr = ",".join(c.addresses)
+    c.create_optimizer(f"{unique}_s", "SGD", learning_rate=1.0,
+                       consistency={"mode": "sync", "replicas_to_aggregate": 2, "total_num_replicas": 2,
+                                    "average": True})
+    var = c.create_variable(f"{unique}_sd", dim=2, dynamic=True, optimizer=f"{unique}_s")
+    keys = np.array([-5, 2 ** 60, 7, -2 ** 63], np.int64)
+    answers, failures = {}, []
+
+    def replica(i):
+        try:
+            with sparseps.connect(addr) as r:
+                answers[i] = r.push({f"{unique}_sd": (keys[: 3 + i], np.full((3 + i, 2), i + 1.0, np.float32))},
+                                    step=0)
+        except sparseps.Error as e:
+            failures.append(e)
+
+    threads = [threading.Thread(target=replica, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not failures and answers == {0: 1, 1: 1}
+    # rows both replicas pushed: the mean of 1 and 2; the row only replica 1 pushed: its own 2
+    np.testing.assert_array_equal(var.pull(keys)[:, 0], [-1.5, -1.5, -1.5, -2.0])
+    assert var.size() == 4
+    c.create_optimizer(f"{unique}_b", "SGD", learning_rate=1.0, consistency={"mode": "bounded", "staleness": 1})
+    bounded = c.create_variable(f"{unique}_bd", dim=2, dynamic=True, optimizer=f"{unique}_b")
+    c.push({f"{unique}_bd": (keys, np.ones((4, 2), np.float32))}, worker_id="w0")
+    np.testing.assert_array_equal(bounded.pull(keys), -np.ones((4, 2), np.float32))

@@ -13,6 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import sparseps
 import sparseps.metrics as client_metrics
 from sparseps.local import LocalServer
+from sparseps.partition import key_shard
 from sparseps.server import metrics as server_metrics
 
 
@@ -115,6 +116,58 @@ def test_shard_metrics_count_what_the_client_did(metered_cluster):
     rejected = [value(scrape(p), "sparseps_requests_rejected_total", code="NOT_FOUND")
                 if any(n == "sparseps_requests_rejected_total" for n, _ in scrape(p)) else 0 for p in ports]
     assert sum(rejected) >= 1
+
+
+TABLE_EVENTS = ("created", "admitted", "evicted", "refused_admission", "refused_capacity")
+
+
+def table_series(port: int, variable: str) -> dict:
+    """A dynamic variable's sparseps_table_* samples on one shard: {event: value, "live_rows": n}."""
+    m = scrape(port)
+    out = {e: value(m, "sparseps_table_rows_total", variable=variable, event=e) for e in TABLE_EVENTS}
+    out["live_rows"] = value(m, "sparseps_table_live_rows", variable=variable)
+    return out
+
+
+def test_table_counters_move_as_rows_are_admitted_refused_and_evicted(metered_cluster):
+    """Every key below lives on shard 0 (hash routing), so shard 0 counts it all and shard 1 nothing."""
+    servers, ports = metered_cluster
+    client = sparseps.connect(",".join(s.address for s in servers))
+    client.create_optimizer("topt", "SGD", learning_rate=0.1)
+    client.create_variable("tdyn", dim=2, dynamic=True, optimizer="topt", admission={"min_count": 2},
+                           capacity=4, on_full="refuse", eviction={"max_age_steps": 1, "interval_seconds": 3600})
+    candidates = np.arange(1, 1000, dtype=np.int64) * 7919
+    keys = candidates[key_shard(candidates, 2) == 0][:6]
+    expect = dict.fromkeys(TABLE_EVENTS, 0)
+
+    def push(k):
+        client.push({"tdyn": (k, np.ones((len(k), 2), np.float32))})
+
+    def check():
+        assert table_series(ports[0], "tdyn") == expect
+        assert table_series(ports[1], "tdyn") == dict.fromkeys(TABLE_EVENTS + ("live_rows",), 0)
+
+    expect["live_rows"] = 0
+    check()                                   # the series exist from creation, at 0
+    push(keys[:3])                            # seen once: not admitted, gradients dropped
+    expect["refused_admission"] = 3
+    check()
+    push(keys[:3])                            # seen twice: admitted, rows created
+    expect.update(admitted=3, created=3, live_rows=3)
+    check()
+    push(keys[3:])                            # 3 more keys, seen once
+    expect["refused_admission"] = 6
+    check()
+    with pytest.raises(sparseps.ResourceExhausted):
+        push(keys[3:])                        # admitted now, but 6 rows do not fit in 4: refused whole
+    expect["refused_capacity"] = 3
+    check()
+    push(keys[:1])
+    push(keys[:1])                            # keys 1 and 2 are now 2 steps old
+    assert client.evict("tdyn") == {"tdyn": 2}
+    expect.update(evicted=2, live_rows=1)
+    check()
+    client.close()
 
 
 def test_exposition_format(metered_cluster):

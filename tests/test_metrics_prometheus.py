@@ -1,6 +1,7 @@
 """A real Prometheus (Debian's `prometheus` package) scraping a live 2-shard cluster under load.
 
-Asserts that the per-shard p99 push latency, every Grafana dashboard query and the alert rules
+Asserts that the per-shard p99 push latency, every Grafana dashboard query (the dynamic table's
+included: its rows are admitted, refused and evicted under the load) and the alert rules
 work against what the server really exports, through Prometheus's HTTP API. Prometheus runs on
 127.0.0.1 with free ports and is stopped by its PID. Without the binary the test fails under CI
 (CI=true) and skips elsewhere, with the reason.
@@ -31,6 +32,7 @@ ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
 P99_PER_SHARD = "histogram_quantile(0.99, sum by (le, shard) (rate(sparseps_push_latency_seconds_bucket[1m])))"
 # Grafana variables, replaced the way Grafana would for "all shards" and a 1 s scrape interval.
 GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$shard": ".*"}
+DYN_CAPACITY = 200   # live rows per shard of the loaded cluster's dynamic table
 
 
 def require(tool: str, package: str) -> str:
@@ -158,6 +160,11 @@ def loaded_cluster():
         client.create_optimizer("popt", "LazyAdam", learning_rate=0.01)
         for name in ("users", "items"):
             client.create_variable(f"p_{name}", shape=(5000, 16), initializer="Zeros", optimizer="popt")
+        # a dynamic table whose rows are admitted (2nd push), refused (cold keys), and evicted by
+        # capacity (600 hot keys, 200 rows per shard) and by age on schedule: its series move
+        client.create_variable("p_dyn", dim=16, dynamic=True, optimizer="popt", admission={"min_count": 2},
+                               eviction={"max_age_steps": 20, "interval_seconds": 1}, capacity=DYN_CAPACITY)
+        hot = np.random.default_rng(2).integers(-2 ** 63, 2 ** 63 - 1, 600, dtype=np.int64)
         stop = threading.Event()
         failures = []
 
@@ -169,7 +176,8 @@ def loaded_cluster():
                     client.pull("p_users", ids)
                     client.pull("p_items", ids)
                     g = rng.normal(size=(256, 16)).astype(np.float32)
-                    client.push({"p_users": (ids, g), "p_items": (ids, g)})
+                    keys = np.concatenate([rng.choice(hot, 128), rng.integers(0, 2 ** 62, 64)])
+                    client.push({"p_users": (ids, g), "p_items": (ids, g), "p_dyn": (keys, g[:192])})
                     try:
                         client.pull("p_missing", ids[:1])   # one rejected call per step: errors panel
                     except sparseps.NotFound:
@@ -227,6 +235,22 @@ def test_every_dashboard_query_returns_numbers(prometheus):
             not_numbers.append((title, expr, values))
     assert not empty, f"dashboard queries with no series: {empty}"
     assert not not_numbers, f"dashboard queries with no finite value: {not_numbers}"
+
+
+def test_dynamic_table_events_move(prometheus):
+    """Rows created, admitted, evicted and refused by admission all rise, as the dashboard shows them."""
+    want = {"created", "admitted", "evicted", "refused_admission"}
+    expr = 'sum by (event) (increase(sparseps_table_rows_total{variable="p_dyn"}[1m]))'
+    deadline = time.monotonic() + 60
+    while True:
+        result = prometheus.query(expr)
+        moving = {r["metric"]["event"] for r in result if float(r["value"][1]) > 0}
+        if want <= moving:
+            break
+        assert time.monotonic() < deadline, f"table events not moving after 60 s: {result}\n{prometheus.log()}"
+        time.sleep(0.5)
+    live = prometheus.wait_for_numbers('sum by (shard) (sparseps_table_live_rows{variable="p_dyn"})', series=2)
+    assert all(0 < float(r["value"][1]) <= DYN_CAPACITY for r in live), live
 
 
 def test_dashboard_queries_pass_promtool(tmp_path):

@@ -12,6 +12,9 @@
     variables = users.trainable_variables + items.trainable_variables
     opt.apply_gradients(zip(tape.gradient(loss, variables), variables))        # one push = one step
 
+    ads = spk.DynamicEmbedding(16, name="ad_ids", optimizer=opt, eviction={"max_age_steps": 10_000})
+    ads(tf.constant([-7, 2**62 + 3]))             # any int64 id; strings: input_type="string" / hash_strings
+
 How it works. A remote layer owns one tiny local Keras weight, its *handle* (a scalar that never
 changes). The forward pass reads the handle and, under a `tf.custom_gradient`, deduplicates the
 batch's ids (`tf.unique`), pulls only the unique rows (directly when eager, through
@@ -35,7 +38,8 @@ This package is the only place sparseps imports TensorFlow; `import sparseps` st
 """
 from ..overlap import AsyncPusher
 from .clients import get_client, set_client
-from .layers import Dense, Embedding
+from .hashing import hash_strings
+from .layers import Dense, DynamicEmbedding, Embedding
 from .optimizers import SGD, Adagrad, Adam, Ftrl, LazyAdam, Optimizer, RMSprop
 from .prefetch import Prefetcher
 from .variables import RemoteVariable, export_npz, export_saved_model, is_remote, load_saved_model, read, remote_name
@@ -44,3 +48,4 @@ __all__ = ["Embedding", "Dense", "RemoteVariable", "Optimizer", "LazyAdam", "Ada
            "RMSprop", "AsyncPusher",
            "Prefetcher", "set_client", "get_client", "remote_name", "is_remote", "read", "export_npz",
            "export_saved_model", "load_saved_model"]
+__all__ += ["DynamicEmbedding", "hash_strings"]

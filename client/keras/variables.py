@@ -258,16 +258,24 @@ def _remote_of(obj) -> RemoteVariable:
 
 
 def export_npz(table, path, *, slots: bool = False, optimizer=None) -> str:
-    """Write a remote table to `path` (.npz): key "values" (+ "ids" range, + slots m/v... when slots=True)."""
+    """Write a remote table to `path` (.npz): "values" (+ slots "slot/m"... when slots=True); a dynamic
+    table's live rows with their "keys" (and each slot's rows with "slot_keys/m"...)."""
     remote = _remote_of(table) if not isinstance(table, _ServerVariable) else None
     var = remote.variable if remote is not None else table
-    out = {"values": var.numpy(), "name": np.array(var.name)}
+    if var.dynamic:         # live rows with their keys; a slot's rows in the order of its own export
+        keys, values = var.export()
+        out = {"keys": keys, "values": values, "name": np.array(var.name)}
+    else:
+        out = {"values": var.numpy(), "name": np.array(var.name)}
     if slots:
         opt = var.optimizer
         if opt is not None:
             for s in opt.get_slot_names():
                 try:
-                    out[f"slot/{s}"] = opt.get_slot(var, s)
+                    if var.dynamic:
+                        out[f"slot_keys/{s}"], out[f"slot/{s}"] = var.export(slot=s)
+                    else:
+                        out[f"slot/{s}"] = opt.get_slot(var, s)
                 except errors.Error:
                     pass
     np.savez(path, **out)
@@ -293,6 +301,9 @@ def export_saved_model(table, path) -> str:
     """
     remote = _remote_of(table) if not isinstance(table, _ServerVariable) else None
     var = remote.variable if remote is not None else table
+    if var.dynamic:
+        raise ValueError(f"export_saved_model: {var.name!r} is a dynamic variable; export its live rows with "
+                         "export_npz or Variable.export() (keys, rows)")
     module = _LookupModule(var.numpy(), var.name)
     tf.saved_model.save(module, str(path), signatures={"lookup": module.lookup, "serving_default": module.lookup})
     return str(path)
