@@ -1,4 +1,5 @@
-"""Sparse LazyAdam apply rate vs. the random-row gather rate of ``np.take``, same process, interleaved.
+"""Sparse apply rates (LazyAdam; Adagrad, Ftrl, RMSprop) vs. the random-row gather rate of ``np.take``,
+same process, interleaved.
 
     python bench/bench_apply.py                       # 1M x 64 float32, B=4096,65536, uniform+zipf
     python bench/bench_apply.py --reps 5 --json out.json
@@ -13,7 +14,12 @@ repetition then times, in rotating order, one pass over the pool with
 and records (b)/(a) for that repetition. Reported: medians, and the ratio's median [min, max].
 Backends come from :func:`make_apply` (``fused``: numba kernels of server/backends/fused.py;
 ``numpy``: np.unique + np.add.at + fancy indexing; ``tensorflow``: the server's TF backend, its fused LazyAdam tf.function,
-on the GPU when one is visible; SPARSEPS_BENCH_TF_DEVICE=/CPU:0 picks a device).
+on the GPU when one is visible; SPARSEPS_BENCH_TF_DEVICE=/CPU:0 picks a device). The Keras legacy
+kernels of the other optimizers are methods of their own, fused (numba) only: ``adagrad``, ``ftrl``,
+``rmsprop_momentum`` and ``rmsprop`` (momentum 0: every step also multiplies the whole rms slot by
+rho, as the reference does, so its rate falls with the table size):
+
+    python bench/bench_apply.py --backend fused,adagrad,ftrl,rmsprop_momentum,rmsprop
 """
 from __future__ import annotations
 
@@ -76,9 +82,35 @@ class State:
                 self.epsilon)
 
 
+KERAS_KERNELS = ("adagrad", "ftrl", "rmsprop_momentum", "rmsprop")
+
+
+def keras_apply(name: str, state: State):
+    """One sparse step of a Keras legacy optimizer's fused kernel; its slots are the state's v
+    (accumulator / rms, positive) and m (linear / momentum)."""
+    fused = load_fused()
+    dt = state.var.dtype.type
+    var, acc, other = state.var, state.v, state.m
+    lr, eps, rho = dt(0.01), dt(1e-7), dt(0.9)
+    if name == "adagrad":
+        return lambda ids, grads: fused.adagrad(var, acc, ids, grads, lr, eps)
+    if name == "ftrl":   # l1 0.01, l2 0.01, learning_rate_power -0.5 (the sqrt path)
+        return lambda ids, grads: fused.ftrl(var, acc, other, ids, grads, lr, dt(0.01), dt(0.02), None, dt(0.5), True)
+    if name == "rmsprop_momentum":
+        return lambda ids, grads: fused.rmsprop(var, acc, None, other, ids, grads, lr, rho, dt(1) - rho, dt(0.9), eps)
+
+    def apply(ids, grads):   # momentum 0: the whole rms decays first (server: the numpy backend's op)
+        np.multiply(acc, rho, out=acc)
+        return fused.rmsprop(var, acc, None, None, ids, grads, lr, rho, dt(1) - rho, dt(0), eps)
+    return apply
+
+
 def make_apply(backend: str, state: State):
     """Return ``apply(ids, grads) -> number of unique rows`` doing one LazyAdam sparse step on
-    ``state`` (in place). Plug the real server backends in here."""
+    ``state`` (in place), or one step of a Keras legacy kernel (KERAS_KERNELS). Plug the real
+    server backends in here."""
+    if backend in KERAS_KERNELS:
+        return keras_apply(backend, state)
     if backend == "fused":
         fused = load_fused()
         sc = state.scalars()
@@ -138,7 +170,8 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--pool", type=int, default=16, help="id batches per (dist, batch)")
     ap.add_argument("--backend", default="fused,numpy",
-                    help="comma-separated backends: fused, numpy, tensorflow")
+                    help="comma-separated backends (LazyAdam): fused, numpy, tensorflow; and the "
+                         "fused kernels of " + ", ".join(KERAS_KERNELS))
     ap.add_argument("--threads", type=int, default=0, help="numba threads (0: numba's default)")
     ap.add_argument("--omp-wait", default="passive", choices=["passive", "bounded", "active", "env"],
                     help="how numba's omp worker threads wait between parallel regions (set before "
@@ -286,7 +319,7 @@ def main(argv=None):
 
     mrs = lambda x: f"{x / 1e6:.2f}"
     out = []
-    out.append(f"LazyAdam sparse apply vs np.take gather -- {args.rows:,} x {args.dim} {dtype.name}, "
+    out.append(f"Sparse apply ({', '.join(backends)}) vs np.take gather -- {args.rows:,} x {args.dim} {dtype.name}, "
                f"pool {args.pool} batches, {args.reps} reps (interleaved, rotating order, "
                f"{args.flush_mb} MiB cache flush before each timed pass)\n")
     out.append(f"- CPU: {cpu} ({os.cpu_count()} CPUs); numba {numba.__version__}, "

@@ -45,9 +45,14 @@ GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
 # optimizer_v2 hyper-parameters that live in variables (the checkpoint children of "optimizer")
 HYPERS = {"Adam": ("beta_1", "beta_2", "decay", "learning_rate"),
           "LazyAdam": ("beta_1", "beta_2", "decay", "learning_rate"),
-          "SGD": ("decay", "learning_rate", "momentum")}
+          "SGD": ("decay", "learning_rate", "momentum"),
+          "Adagrad": ("decay", "learning_rate"),
+          "Ftrl": ("beta", "decay", "l1_regularization_strength", "l2_regularization_strength", "learning_rate",
+                   "learning_rate_power"),
+          "RMSprop": ("decay", "learning_rate", "momentum", "rho")}
 # Keras 2 display names for the attributes' full_name (informational only)
-_FULL = {"LazyAdam": "LazyAdam", "Adam": "Adam", "SGD": "SGD"}
+_FULL = {"LazyAdam": "LazyAdam", "Adam": "Adam", "SGD": "SGD", "Adagrad": "Adagrad", "Ftrl": "Ftrl",
+         "RMSprop": "RMSprop"}
 
 
 def default_path(i: int) -> str:

@@ -63,7 +63,7 @@ def test_bad_value_names_the_key(client, unique, config, key):
 
 
 def test_unknown_class(client, unique):
-    rejects(client, f"{unique}_o", {"class_name": "Adagrad", "config": {}}, "Adagrad", "supported")
+    rejects(client, f"{unique}_o", {"class_name": "Adadelta", "config": {}}, "Adadelta", "supported")
 
 
 def test_clipnorm_and_global_clipnorm_are_exclusive(client, unique):

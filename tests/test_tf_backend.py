@@ -247,6 +247,13 @@ CONFIGS = [
     ("LazyAdamOptimizer", {"learning_rate": 0.01, "beta1": 0.9, "beta2": 0.999, "epsilon": 1e-8}),
     ("Adam", {"learning_rate": 0.01, "weight_decay": 0.004, "amsgrad": True, "is_legacy_optimizer": False}),
     ("Adam", {"learning_rate": 0.01, "global_clipnorm": 0.01, "loss_scale_factor": None}),   # Keras 3
+    ("Adagrad", {"learning_rate": 0.1}),
+    ("Ftrl", {"learning_rate": 0.1, "l1_regularization_strength": 0.01, "l2_shrinkage_regularization_strength": 0.01,
+              "beta": 0.1}),
+    ("RMSprop", {"learning_rate": 0.01, "centered": True}),
+    ("RMSprop", {"learning_rate": 0.01, "momentum": 0.9, "centered": True}),
+    ("Adagrad", {"learning_rate": 0.1, "weight_decay": 0.004, "loss_scale_factor": None}),   # Keras 3
+    ("RMSprop", {"learning_rate": 0.01, "momentum": 0.5, "loss_scale_factor": None}),        # Keras 3
 ]
 
 

@@ -40,11 +40,12 @@ from ..overlap import AsyncPusher
 from .clients import get_client, set_client
 from .hashing import hash_strings
 from .layers import Dense, DynamicEmbedding, Embedding
-from .optimizers import SGD, Adam, LazyAdam, Optimizer
+from .optimizers import SGD, Adagrad, Adam, Ftrl, LazyAdam, Optimizer, RMSprop
 from .prefetch import Prefetcher
 from .variables import RemoteVariable, export_npz, export_saved_model, is_remote, load_saved_model, read, remote_name
 
-__all__ = ["Embedding", "Dense", "RemoteVariable", "Optimizer", "LazyAdam", "Adam", "SGD", "AsyncPusher",
+__all__ = ["Embedding", "Dense", "RemoteVariable", "Optimizer", "LazyAdam", "Adam", "SGD", "Adagrad", "Ftrl",
+           "RMSprop", "AsyncPusher",
            "Prefetcher", "set_client", "get_client", "remote_name", "is_remote", "read", "export_npz",
            "export_saved_model", "load_saved_model"]
 __all__ += ["DynamicEmbedding", "hash_strings"]

@@ -270,6 +270,40 @@ class SGD(Optimizer):
                            nesterov=nesterov, **kw)
 
 
+class Adagrad(Optimizer):
+    """Keras (legacy) Adagrad on the cluster: only the pushed rows move."""
+    _class_name = "Adagrad"
+
+    def __init__(self, learning_rate=0.001, initial_accumulator_value=0.1, epsilon=1e-7, *, client=None,
+                 name="Adagrad", **kw):
+        Optimizer.__init__(self, client, "Adagrad", name=name, learning_rate=learning_rate,
+                           initial_accumulator_value=initial_accumulator_value, epsilon=epsilon, **kw)
+
+
+class Ftrl(Optimizer):
+    """Keras (legacy) Ftrl on the cluster: sparse pushes move only their rows, dense ones every row."""
+    _class_name = "Ftrl"
+
+    def __init__(self, learning_rate=0.001, learning_rate_power=-0.5, initial_accumulator_value=0.1,
+                 l1_regularization_strength=0.0, l2_regularization_strength=0.0,
+                 l2_shrinkage_regularization_strength=0.0, beta=0.0, *, client=None, name="Ftrl", **kw):
+        Optimizer.__init__(self, client, "Ftrl", name=name, learning_rate=learning_rate,
+                           learning_rate_power=learning_rate_power, initial_accumulator_value=initial_accumulator_value,
+                           l1_regularization_strength=l1_regularization_strength,
+                           l2_regularization_strength=l2_regularization_strength,
+                           l2_shrinkage_regularization_strength=l2_shrinkage_regularization_strength, beta=beta, **kw)
+
+
+class RMSprop(Optimizer):
+    """Keras (legacy) RMSprop on the cluster: without momentum the rms slot decays on every row."""
+    _class_name = "RMSprop"
+
+    def __init__(self, learning_rate=0.001, rho=0.9, momentum=0.0, epsilon=1e-7, centered=False, *, client=None,
+                 name="RMSprop", **kw):
+        Optimizer.__init__(self, client, "RMSprop", name=name, learning_rate=learning_rate, rho=rho,
+                           momentum=momentum, epsilon=epsilon, centered=centered, **kw)
+
+
 def _numpy_grad(g):
     if isinstance(g, tf.IndexedSlices):
         return np.asarray(g.indices.numpy(), np.int64), g.values.numpy()

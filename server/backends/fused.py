@@ -67,6 +67,9 @@ __all__ = [
     "lazy_adam",
     "sgd_sparse_add",
     "keras_momentum_sparse",
+    "adagrad",
+    "ftrl",
+    "rmsprop",
     "gather_rows",
     "replica_sum",
     "warmup",
@@ -313,6 +316,23 @@ def _sgd_sparse_add_kernel(var, ids, grads, neg_lr):
     return -1
 
 
+@numba.njit(**_JIT)
+def _prefetch_row(arr, r, dim, line):
+    """Prefetch (for write) every cache line of row r (a row may straddle one more line)."""
+    for j in range(0, dim, line):
+        _prefetch_w(arr, r, j)
+    _prefetch_w(arr, r, dim - 1)
+
+
+@numba.njit(**_JIT)
+def _prefetch_ahead(a, b, uniq, u, hi, dim, line):
+    """Prefetch the rows of a and b that row u's loop reaches PREFETCH_ROWS rows later."""
+    up = u + PREFETCH_ROWS
+    if up < hi:
+        _prefetch_row(a, uniq[up], dim, line)
+        _prefetch_row(b, uniq[up], dim, line)
+
+
 # --------------------------------------------------------------------------------------------
 # Keras SGD with momentum on de-duplicated rows
 # --------------------------------------------------------------------------------------------
@@ -321,14 +341,7 @@ def _momentum_rows(var, accum, uniq, g, lo, hi, lr, momentum, nesterov):
     dim = var.shape[1]
     line = _line_elems(var)
     for u in range(lo, hi):
-        up = u + PREFETCH_ROWS
-        if up < hi:
-            rp = uniq[up]
-            for j in range(0, dim, line):
-                _prefetch_w(var, rp, j)
-                _prefetch_w(accum, rp, j)
-            _prefetch_w(var, rp, dim - 1)
-            _prefetch_w(accum, rp, dim - 1)
+        _prefetch_ahead(var, accum, uniq, u, hi, dim, line)
         r = uniq[u]
         if nesterov:
             for j in range(dim):
@@ -363,6 +376,107 @@ def _momentum_parallel(var, accum, uniq, summed, lr, momentum, nesterov, nth):
         _momentum_rows(var, accum, uniq, summed, c * k // nch, (c + 1) * k // nch, lr,
                        momentum, nesterov)
     return -1
+
+
+# --------------------------------------------------------------------------------------------
+# Adagrad, Ftrl, RMSprop (Keras legacy sparse kernels) on raw ids: one driver, one row loop each
+# --------------------------------------------------------------------------------------------
+ADAGRAD, FTRL, RMSPROP = 0, 1, 2
+FTRL_SHRINK, FTRL_SQRT, FTRL_SCALAR = 1, 2, 4          # flags of FTRL
+RMS_CENTERED, RMS_MOMENTUM = 1, 2                      # flags of RMSPROP
+
+
+@numba.njit(**_JIT)
+def _keras_rows(kind, flags, var, s1, s2, s3, uniq, offs, order, grads, scratch, si, lo, hi, zero, one, c):
+    """Unique rows uniq[lo:hi]; each row's gradient is 0 + g_first + g_second + ... (input order,
+    as tf.unique + unsorted_segment_sum), summed into scratch[si]. s1..s3 are the slots (unused
+    ones are any table of the same type). c holds the kind's coefficients (see the wrappers)."""
+    dim = var.shape[1]
+    line = _line_elems(var)
+    for u in range(lo, hi):
+        _prefetch_ahead(var, s1, uniq, u, hi, dim, line)
+        r = uniq[u]
+        for j in range(dim):
+            scratch[si, j] = zero
+        for p in range(offs[u], offs[u + 1]):
+            i = order[p]
+            for j in range(dim):
+                scratch[si, j] += grads[i, j]
+        if kind == ADAGRAD:   # c = lr, eps; s1 = accumulator
+            for j in range(dim):
+                g = scratch[si, j]
+                a = s1[r, j] + g * g
+                s1[r, j] = a
+                var[r, j] = var[r, j] - (c[0] * g) / (np.sqrt(a) + c[1])
+        elif kind == FTRL:    # c = lr, l1, 2 l2', 2 l2_shrinkage, -lr_power; s1 = accumulator, s2 = linear
+            for j in range(dim):
+                g = scratch[si, j]
+                a = s1[r, j]
+                v = var[r, j]
+                gs = g + c[3] * v if flags & FTRL_SHRINK else g
+                new = a + g * g
+                if flags & FTRL_SQRT:
+                    pn = np.sqrt(new)
+                    pa = np.sqrt(a)
+                else:
+                    pn = new ** c[4]
+                    pa = a ** c[4]
+                if flags & FTRL_SCALAR:   # the kernel's loop for 1-D variables: pow, other order
+                    lin = (s2[r, j] + gs) - ((new ** c[4] - a ** c[4]) / c[0]) * v
+                else:
+                    lin = s2[r, j] + (gs - ((pn - pa) / c[0]) * v)
+                clipped = max(min(lin, c[1]), -c[1])
+                var[r, j] = (clipped - lin) / (pn / c[0] + c[2])
+                s2[r, j] = lin
+                s1[r, j] = new
+        else:                 # RMSPROP: c = lr, -lr, rho, 1 - rho, momentum, eps; s1 rms, s2 mg, s3 momentum
+            for j in range(dim):
+                g = scratch[si, j]
+                if flags & RMS_MOMENTUM:
+                    ms = s1[r, j] * c[2] + (g * g) * c[3]
+                    s1[r, j] = ms
+                    d = ms + c[5]
+                    if flags & RMS_CENTERED:
+                        mg = s2[r, j] * c[2] + g * c[3]
+                        s2[r, j] = mg
+                        d = d - mg * mg
+                    m = s3[r, j] * c[4] + ((one / np.sqrt(d)) * c[0]) * g
+                    s3[r, j] = m
+                    var[r, j] = var[r, j] - m
+                else:   # the slots have decayed already (every row); add the rows' terms
+                    ms = s1[r, j] + (g * g) * c[3]
+                    s1[r, j] = ms
+                    d = ms
+                    if flags & RMS_CENTERED:
+                        mg = s2[r, j] + g * c[3]
+                        s2[r, j] = mg
+                        d = d - mg * mg
+                    var[r, j] = var[r, j] + (c[1] * g) / (np.sqrt(d) + c[5])
+
+
+@numba.njit(**_JIT)
+def _keras_serial(kind, flags, var, s1, s2, s3, ids, grads, c):
+    uniq, offs, order, k, bad = _group(ids, var.shape[0])
+    if k < 0:
+        return k, bad
+    scratch = np.empty((1, var.shape[1]), var.dtype)
+    zo = np.arange(2).astype(var.dtype)   # 0 and 1 in the table dtype
+    _keras_rows(kind, flags, var, s1, s2, s3, uniq, offs, order, grads, scratch, 0, 0, k, zo[0], zo[1], c)
+    return k, -1
+
+
+@numba.njit(parallel=True, **_JIT)
+def _keras_parallel(kind, flags, var, s1, s2, s3, ids, grads, c, nth):
+    uniq, offs, order, k, bad = _group(ids, var.shape[0])
+    if k < 0:
+        return k, bad
+    nch = max(1, min(nth, k))
+    scratch = np.empty((nch, var.shape[1]), var.dtype)
+    zo = np.arange(2).astype(var.dtype)
+    for ch in prange(nch):
+        _keras_rows(kind, flags, var, s1, s2, s3, uniq, offs, order, grads, scratch, ch, ch * k // nch,
+                    (ch + 1) * k // nch, zo[0], zo[1], c)
+    return k, -1
 
 
 # --------------------------------------------------------------------------------------------
@@ -502,6 +616,18 @@ def _grads(grads, n, dim, dtype, name="grads"):
     return np.ascontiguousarray(grads)
 
 
+def _checked(var, slots, ids, grads):
+    """(ids, grads) validated for a grouped row kernel on var and its slots ({name: table})."""
+    _slot(var, "var", var)
+    for name, a in slots.items():
+        _slot(a, name, var)
+    ids = _ids(ids)
+    grads = _grads(grads, ids.shape[0], var.shape[1], var.dtype)
+    if ids.shape[0] >= 2**30:
+        raise ValueError("at most 2**30 ids per call")  # int32 positions in the hash table
+    return ids, grads
+
+
 def _raise_bad(ids, bad, n_rows):
     raise IndexError(f"row id {int(ids[bad])} (position {bad}) out of range [0, {n_rows})")
 
@@ -536,28 +662,26 @@ def lazy_adam(var, m, v, ids, grads, lr, beta1, beta2, one_minus_beta1, one_minu
         m[r] = m_r; v[r] = v_r
         var[r] = var[r] - (lr * m_r) / (sqrt(v_r) + epsilon)
     """
-    _table(var, "var")
-    _slot(var, "var", var)
-    _slot(m, "m", var)
-    _slot(v, "v", var)
-    ids = _ids(ids)
-    grads = _grads(grads, ids.shape[0], var.shape[1], var.dtype)
-    n = ids.shape[0]
-    if n == 0:
+    ids, grads = _checked(var, {"m": m, "v": v}, ids, grads)
+    if ids.shape[0] == 0:
         return 0
-    if n >= 2**30:
-        raise ValueError("at most 2**30 ids per call")  # int32 positions in the hash table
     dt = var.dtype.type
     args = (var, m, v, ids, grads, dt(0), dt(lr), dt(beta1), dt(beta2), dt(one_minus_beta1),
             dt(one_minus_beta2), dt(epsilon))
+    return _run_rows(_lazy_adam_serial, _lazy_adam_parallel, args, ids, var.shape[0])
+
+
+def _run_rows(serial, parallel, args, ids, n_rows):
+    """The parallel kernel from PARALLEL_MIN_ROWS ids on (when numba has threads), else the serial
+    one; an id out of range raises; returns the unique-row count."""
     nth = numba.get_num_threads()
-    if n >= PARALLEL_MIN_ROWS and nth > 1:
+    if ids.shape[0] >= PARALLEL_MIN_ROWS and nth > 1:
         with _par_guard():
-            k, bad = _lazy_adam_parallel(*args, nth)
+            k, bad = parallel(*args, nth)
     else:
-        k, bad = _lazy_adam_serial(*args)
+        k, bad = serial(*args)
     if k < 0:
-        _raise_bad(ids, bad, var.shape[0])
+        _raise_bad(ids, bad, n_rows)
     return int(k)
 
 
@@ -600,6 +724,64 @@ def keras_momentum_sparse(var, accum, uniq_ids, summed, lr, momentum, nesterov):
         bad = _momentum_serial(*args)
     if bad >= 0:
         _raise_bad(uniq_ids, bad, var.shape[0])
+
+
+def _keras_sparse(kind, flags, var, slots, ids, grads, coefficients):
+    """Validate, then run the serial or the parallel kernel; returns the unique-row count."""
+    ids, grads = _checked(var, slots, ids, grads)
+    if ids.shape[0] == 0:
+        return 0
+    tables = list(slots.values()) + [var] * (3 - len(slots))
+    c = np.array(coefficients, dtype=var.dtype)
+    args = (kind, flags, var, tables[0], tables[1], tables[2], ids, grads, c)
+    return _run_rows(_keras_serial, _keras_parallel, args, ids, var.shape[0])
+
+
+def adagrad(var, accum, ids, grads, lr, epsilon):
+    """Keras legacy Adagrad (SparseApplyAdagradV2) on raw ids, in place; per unique row r with
+    summed gradient g: ``accum[r] += g * g; var[r] -= (lr * g) / (sqrt(accum[r]) + epsilon)``."""
+    return _keras_sparse(ADAGRAD, 0, var, {"accum": accum}, ids, grads, (lr, epsilon))
+
+
+def ftrl(var, accum, linear, ids, grads, lr, l1, two_l2, two_l2_shrinkage, neg_lr_power, use_sqrt,
+         scalar_loop=False):
+    """Keras legacy Ftrl (SparseApplyFtrl, or SparseApplyFtrlV2 when ``two_l2_shrinkage`` is not
+    None) on raw ids, in place; ``two_l2`` = 2 (l2 + beta / (2 lr)); p = sqrt when ``use_sqrt``
+    (learning_rate_power == -0.5) else x ** neg_lr_power. Per unique row r, summed gradient g::
+
+        g_s = g + two_l2_shrinkage * var[r];   new = accum[r] + g * g
+        linear[r] += g_s - ((p(new) - p(accum[r])) / lr) * var[r]
+        var[r] = (clip(linear[r], -l1, l1) - linear[r]) / (p(new) / lr + two_l2);  accum[r] = new
+
+    ``scalar_loop``: the kernel's loop for 1-D variables, ``(linear + g_s) - sigma * var``."""
+    flags = ((FTRL_SHRINK if two_l2_shrinkage is not None else 0) | (FTRL_SQRT if use_sqrt else 0)
+             | (FTRL_SCALAR if scalar_loop else 0))
+    return _keras_sparse(FTRL, flags, var, {"accum": accum, "linear": linear}, ids, grads,
+                         (lr, l1, two_l2, two_l2_shrinkage or 0.0, neg_lr_power))
+
+
+def rmsprop(var, rms, mg, mom, ids, grads, lr, rho, one_minus_rho, momentum, epsilon):
+    """Keras legacy RMSprop's pushed rows on raw ids, in place (``mg``/``mom`` None when the
+    optimizer is not centered / has no momentum). With ``mom`` (SparseApply[Centered]RMSProp)::
+
+        rms[r] = rms[r] rho + g^2 (1 - rho);  mg[r] = mg[r] rho + g (1 - rho)
+        mom[r] = mom[r] momentum + ((1 / sqrt((rms[r] + eps) - mg[r]^2)) lr) g;  var[r] -= mom[r]
+
+    Without ``mom`` the caller has already multiplied the whole rms (and mg) by rho::
+
+        rms[r] += g^2 (1 - rho);  mg[r] += g (1 - rho);  var[r] += (-lr g) / (sqrt(rms[r] - mg[r]^2) + eps)
+    """
+    slots = {"rms": rms}
+    flags = 0
+    if mg is not None:
+        slots["mg"] = mg
+        flags |= RMS_CENTERED
+    if mom is not None:
+        if mg is None:
+            slots["mg"] = rms   # placeholder (unused)
+        slots["mom"] = mom
+        flags |= RMS_MOMENTUM
+    return _keras_sparse(RMSPROP, flags, var, slots, ids, grads, (lr, -lr, rho, one_minus_rho, momentum, epsilon))
 
 
 def gather_rows(table, ids, out=None):
@@ -677,6 +859,8 @@ def warmup(dtypes=(np.float32, np.float64)):
             ("gather_serial", _gather_serial, (var, ids, np.empty((4, dim), dt))),
             ("gather_parallel", _gather_parallel, (var, ids, np.empty((4, dim), dt))),
             ("replica_sum", _replica_sum_kernel, (ids, g, np.array([0, 0, 1, 1], np.int32), True)),
+            ("keras_serial", _keras_serial, (FTRL, 3, var, m, v, var, ids, g, np.ones(6, dt))),
+            ("keras_parallel", _keras_parallel, (FTRL, 3, var, m, v, var, ids, g, np.ones(6, dt), 2)),
         ):
             t0 = time.perf_counter()
             if "parallel" in name:

@@ -94,6 +94,8 @@ class NumpyBackend:
     # ---- math ----
     sqrt = staticmethod(np.sqrt)
     maximum = staticmethod(np.maximum)
+    minimum = staticmethod(np.minimum)
+    pow = staticmethod(np.power)
 
     def where(self, cond, a, b):
         return np.where(cond, a, b)
@@ -134,7 +136,9 @@ class NumbaBackend(NumpyBackend):
     def __init__(self):
         from . import fused
         self._fused = fused
-        self._kernels = {"lazy_adam": self._lazy_adam, "replica_sum": fused.replica_sum}
+        self._kernels = {"lazy_adam": self._lazy_adam, "replica_sum": fused.replica_sum,
+                         "adagrad": self._flat(fused.adagrad, 2), "ftrl": self._ftrl,
+                         "rmsprop": self._flat(fused.rmsprop, 4)}
         # SPARSEPS_PARALLEL_KERNELS=always: every request may use all numba threads (see parallel())
         self._always_parallel = os.environ.get("SPARSEPS_PARALLEL_KERNELS", "auto") == "always"
         fused.warmup()   # compile (or load the cached machine code) before the first push
@@ -156,6 +160,7 @@ class NumbaBackend(NumpyBackend):
                 fused.unique_sum(ids, g)
                 fused.sgd_sparse_add(var, ids, g, one)
                 fused.gather_rows(var, ids)
+                fused.adagrad(var, m, ids, g, one, one)
 
     def kernel(self, name):
         return self._kernels.get(name)
@@ -179,6 +184,29 @@ class NumbaBackend(NumpyBackend):
             var, m, v = var.reshape(n, d), m.reshape(n, d), v.reshape(n, d)
             rows = np.ascontiguousarray(rows).reshape(len(ids), d)
         return self._fused.lazy_adam(var, m, v, ids, rows, *coefficients)
+
+    @staticmethod
+    def _as_2d(tables, ids, rows):
+        """2-D views of the variable and its slots (None kept) and the rows, for the fused kernels."""
+        var = tables[0]
+        if var.ndim == 2:
+            return tables, rows
+        if not all(t is None or t.flags.c_contiguous for t in tables):
+            raise ValueError("fused kernels: the variable and its slots must be C-contiguous")
+        n, d = var.shape[0], int(np.prod(var.shape[1:], dtype=np.int64))
+        tables = [None if t is None else t.reshape(n, d) for t in tables]
+        return tables, np.ascontiguousarray(rows).reshape(len(ids), d)
+
+    def _flat(self, kernel, k):
+        """A fused kernel (k tables, then ids, rows, scalars) for variables of any rank."""
+        def run(*args):
+            tables, rows = self._as_2d(args[:k], args[k], args[k + 1])
+            return kernel(*tables, args[k], rows, *args[k + 2:])
+        return run
+
+    def _ftrl(self, var, accum, linear, ids, rows, *coefficients):
+        # a 1-D variable takes the reference kernel's scalar loop
+        return self._flat(self._fused.ftrl, 3)(var, accum, linear, ids, rows, *coefficients, var.ndim == 1)
 
     def gather(self, arr, ids):
         if arr.ndim == 2 and arr.flags.c_contiguous:

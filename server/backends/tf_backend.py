@@ -338,6 +338,20 @@ class TensorFlowBackend:
         with self.tf.device(self.device):
             return self.tf.maximum(a, b)
 
+    def minimum(self, a, b):
+        with self.tf.device(self.device):
+            return self.tf.minimum(a, b)
+
+    def pow(self, x, y):
+        """x ** y as libm's powf / pow give it (the reference kernels' std::pow): TF's own float32
+        Pow (Eigen's vectorised pow) is off by an ulp or more, so float32 goes through float64."""
+        tf = self.tf
+        with tf.device(self.device):
+            x = tf.convert_to_tensor(x)
+            if x.dtype == tf.float32:
+                return tf.cast(tf.pow(tf.cast(x, tf.float64), tf.cast(y, tf.float64)), tf.float32)
+            return tf.pow(x, y)
+
     def where(self, cond, a, b):
         with self.tf.device(self.device):
             return self.tf.where(cond, a, b)

@@ -228,3 +228,4 @@ class Keras3Mixin:
         head = ["iterations", "learning_rate"] if self.lr_is_variable else ["iterations"]
         return head + [f"{v}/{s}" for v, s in pairs]
 
+

@@ -417,6 +417,37 @@ def cases():
     add("kerasnew_adam_amsgrad", lambda: KA(amsgrad=True, jit_compile=False))
     add("kerasnew_adam_wd", lambda: KA(weight_decay=0.004, jit_compile=False))
 
+    # ---------------- Issue 14: Adagrad, Ftrl, RMSprop (Keras 2.15 legacy) ----------------
+    AG, FT, RP = legacy.Adagrad, legacy.Ftrl, legacy.RMSprop
+    add("adagrad", lambda: AG(learning_rate=0.1))
+    add("adagrad_custom", lambda: AG(learning_rate=0.05, initial_accumulator_value=0.0, epsilon=1e-3))
+    add("adagrad_mixed", lambda: AG(learning_rate=0.1), plan="mixed", dtypes=("float32",))
+    add("adagrad_decay", lambda: AG(learning_rate=0.1, decay=0.05), dtypes=("float32",))
+    add("ftrl", lambda: FT(learning_rate=0.1))
+    add("ftrl_l1l2", lambda: FT(learning_rate=0.1, l1_regularization_strength=0.05,
+                                l2_regularization_strength=0.01, beta=0.5),
+        extra_meta={"note": "l1 large enough to zero rows (|linear| <= l1); beta adjusts l2"})
+    add("ftrl_shrinkage", lambda: FT(learning_rate=0.1, l1_regularization_strength=0.01,
+                                     l2_shrinkage_regularization_strength=0.02),
+        extra_meta={"note": "l2_shrinkage > 0: the FtrlV2 kernels"})
+    add("ftrl_power", lambda: FT(learning_rate=0.1, learning_rate_power=-0.25,
+                                 initial_accumulator_value=0.5),
+        extra_meta={"note": "learning_rate_power != -0.5: pow instead of sqrt in the kernels"})
+    add("ftrl_mixed", lambda: FT(learning_rate=0.1, l1_regularization_strength=0.01), plan="mixed",
+        dtypes=("float32",),
+        extra_meta={"note": "the dense kernel rewrites every row of var (untouched rows too)"})
+    add("rmsprop", lambda: RP(learning_rate=0.01),
+        extra_meta={"note": "momentum 0: rms decays on every row at every push, empty ones too"})
+    add("rmsprop_centered", lambda: RP(learning_rate=0.01, centered=True))
+    add("rmsprop_momentum", lambda: RP(learning_rate=0.01, momentum=0.9))
+    add("rmsprop_momentum_centered", lambda: RP(learning_rate=0.01, momentum=0.9, centered=True))
+    add("rmsprop_mixed", lambda: RP(learning_rate=0.01, centered=True), plan="mixed",
+        dtypes=("float32",))
+    add("rmsprop_momentum_mixed", lambda: RP(learning_rate=0.01, momentum=0.5), plan="mixed",
+        dtypes=("float32",))
+    add("rmsprop_expdecay", lambda: RP(learning_rate=sched.ExponentialDecay(0.01, 5, 0.5)),
+        dtypes=("float32",))
+
     out = []
     for name, mk, dt, kw, expect_nan in C:
         out.append((name, (lambda name=name, mk=mk, dt=dt, kw=kw:
