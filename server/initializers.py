@@ -81,23 +81,7 @@ KINDS = ("Zeros", "Ones", "Constant", "RandomNormal", "RandomUniform", "Truncate
 def make(initializer_json: str, shape, dtype, global_ids: np.ndarray, name: str) -> np.ndarray:
     """This shard's rows (global_ids, in local order) of the initialised variable."""
     local_shape = (len(global_ids),) + tuple(shape[1:])
-    if not initializer_json:
-        return np.zeros(local_shape, dtype)
-    try:
-        obj = json.loads(initializer_json)
-    except ValueError as e:
-        raise InvalidArgument(f"variable {name!r}: initializer is not valid JSON: {e}") from None
-    if isinstance(obj, str):
-        obj = {"class_name": obj, "config": {}}
-    if not isinstance(obj, dict) or not isinstance(obj.get("class_name"), str):
-        raise InvalidArgument(f"variable {name!r}: initializer must be {{'class_name': ..., 'config': {{...}}}}")
-    kind = obj["class_name"].split(">")[-1]
-    kind = {"zeros": "Zeros", "ones": "Ones", "random_normal": "RandomNormal", "random_uniform": "RandomUniform",
-            "truncated_normal": "TruncatedNormal", "glorot_uniform": "GlorotUniform",
-            "glorot_normal": "GlorotNormal", "he_normal": "HeNormal", "he_uniform": "HeUniform"}.get(kind, kind)
-    cfg = obj.get("config") or {}
-    if kind not in KINDS:
-        raise InvalidArgument(f"variable {name!r}: unknown initializer {obj['class_name']!r}; supported: {list(KINDS)}")
+    kind, cfg = parse(initializer_json, name)
     if kind == "Zeros":
         return np.zeros(local_shape, dtype)
     if kind == "Ones":

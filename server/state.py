@@ -36,6 +36,22 @@ def _memory_bytes() -> int:
         return 1 << 40
 
 
+def _initialized(name: str, initializer_json: str, dtype, make) -> np.ndarray:
+    """make()'s initial values, with a bad initializer config or non-finite values refused."""
+    try:
+        with np.errstate(over="ignore"):
+            value = make()
+    except Error:
+        raise
+    except _CONFIG_ERRORS as e:
+        raise InvalidArgument(f"variable {name!r}: invalid initializer {initializer_json[:200]!r} "
+                              f"({type(e).__name__}: {e})") from None
+    if not np.all(np.isfinite(value)):
+        raise InvalidArgument(f"variable {name!r}: initializer {initializer_json[:200]!r} gives NaN or Inf "
+                              f"(or numbers too large for {dtype})")
+    return value
+
+
 @dataclass
 class Grad:
     """One variable's part of a push, decoded: local row ids (or None for dense) and values."""
@@ -208,17 +224,8 @@ class Shard:
                 raise InvalidArgument(f"variable {name!r}: initial value contains NaN or Inf "
                                       f"(or a number too large for {dtype})")
         else:
-            try:
-                with np.errstate(over="ignore"):
-                    value = initializers.make(initializer_json, shape, dtype, layout.global_ids(self.index), name)
-            except Error:
-                raise
-            except _CONFIG_ERRORS as e:
-                raise InvalidArgument(f"variable {name!r}: invalid initializer {initializer_json[:200]!r} "
-                                      f"({type(e).__name__}: {e})") from None
-            if not np.all(np.isfinite(value)):
-                raise InvalidArgument(f"variable {name!r}: initializer {initializer_json[:200]!r} gives NaN or Inf "
-                                      f"(or numbers too large for {dtype})")
+            value = _initialized(name, initializer_json, dtype, lambda: initializers.make(
+                initializer_json, shape, dtype, layout.global_ids(self.index), name))
         spec = (shape, dtype, optimizer, partition, owner)
         with self.lock:
             existing = self.variables.get(name)
@@ -260,17 +267,8 @@ class Shard:
             self.optimizer(optimizer)
         policy = TablePolicy(table_json)
         table_json = json.dumps(policy.to_dict(), sort_keys=True)
-        try:
-            with np.errstate(over="ignore"):
-                probe = initializers.for_keys(initializer_json, shape[1:], dtype, np.array([0, -1], np.int64), name)
-        except Error:
-            raise
-        except _CONFIG_ERRORS as e:
-            raise InvalidArgument(f"variable {name!r}: invalid initializer {initializer_json[:200]!r} "
-                                  f"({type(e).__name__}: {e})") from None
-        if not np.all(np.isfinite(probe)):
-            raise InvalidArgument(f"variable {name!r}: initializer {initializer_json[:200]!r} gives NaN or Inf "
-                                  f"(or numbers too large for {dtype})")
+        _initialized(name, initializer_json, dtype, lambda: initializers.for_keys(   # checked on two keys
+            initializer_json, shape[1:], dtype, np.array([0, -1], np.int64), name))
         with self.lock:
             existing = self.variables.get(name)
             if existing is not None:
