@@ -200,7 +200,7 @@ def _restore_dynamic(shard, v, manifests, same: bool):
     joined = {k: np.concatenate(a) if a else None for k, a in parts.items()}
     shard.load_rows(var, joined["ids"], joined["value"], {s: joined[f"slot.{s}"] for s in v["slots"]},
                     joined["steps"], joined["when"],
-                    np.minimum(sketch, 65534).astype(np.uint16) if sketch is not None else None,
+                    np.minimum(sketch, 65535).astype(np.uint16) if sketch is not None else None,
                     v.get("stats") if same else None)
 
 

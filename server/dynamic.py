@@ -163,9 +163,9 @@ class DynamicTable:
         if pol.min_count > 1:
             buckets = self._sketch_buckets(keys)
             if count:
-                for d, b in enumerate(buckets):
-                    np.add.at(self.sketch[d], b, 1)          # distinct keys may share a bucket
-                    np.minimum(self.sketch[d], 65534, out=self.sketch[d])
+                for d, b in enumerate(buckets):   # distinct keys may share a bucket: add their counts
+                    ub, n = np.unique(b, return_counts=True)
+                    self.sketch[d, ub] = np.minimum(self.sketch[d, ub].astype(np.int64) + n, 65535)
                 return self._counts(buckets) >= pol.min_count
             return self._counts(buckets) + 1 >= pol.min_count
         if pol.probability is not None:
