@@ -34,7 +34,7 @@ import time
 
 import numpy as np
 
-from sparseps.errors import InvalidArgument, ResourceExhausted
+from sparseps.errors import InvalidArgument
 from sparseps.partition import splitmix64
 
 from .keyindex import KeyIndex

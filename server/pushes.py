@@ -221,7 +221,8 @@ class PushPipeline:
             for name, keys in removed.items():   # logged before the rows go
                 if self.wal is not None:
                     raw = name.encode()
-                    lsn = self.wal.append(EVICT + _U32.pack(len(raw)) + raw + np.ascontiguousarray(keys, "<i8").tobytes())
+                    lsn = self.wal.append(EVICT + _U32.pack(len(raw)) + raw,
+                                          np.ascontiguousarray(keys, "<i8").tobytes())
                 self.shard.evict_keys(name, keys)
         if lsn:
             self.wal.wait_durable(lsn)

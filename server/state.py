@@ -337,9 +337,10 @@ class Shard:
     def read(self, var: Variable, rows, gids, slot: str = "", since_step: int = 0):
         """(values, gids, iterations) of located rows, read under the lock."""
         if since_step and (var.table is None or rows is not None):
-            raise InvalidArgument(f"pull of {var.name!r}: since_step selects the rows of a dynamic variable changed "
-                                  "after a step, in a whole or row-range pull (an export); "
-                                  + ("this one has keys" if var.table is not None else "this variable is a fixed table"))
+            raise InvalidArgument(
+                f"pull of {var.name!r}: since_step selects the rows of a dynamic variable changed after a step, in "
+                "a whole or row-range pull (an export); "
+                + ("this one has keys" if var.table is not None else "this variable is a fixed table"))
         if var.table is not None:
             return self._read_dynamic(var, rows, gids, slot, since_step)
         name = var.name

@@ -4,7 +4,6 @@ The numbers of every optimizer on dynamic tables are proven by the golden replay
 test_conformance.py; this file proves the rest: initial values, routing, admission, capacity,
 eviction, export, bad input, and durability (kill -9, log replay, restore onto other shard counts).
 """
-import json
 import threading
 import time
 
