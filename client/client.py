@@ -147,12 +147,14 @@ class Client:
     def create_variable(self, name: str, initial_value=None, *, shape=None, dtype="float32", initializer=None,
                         optimizer=None, partition: str | None = None, dim: int | None = None, dynamic: bool = False,
                         key_dtype="int64", admission: dict | None = None, eviction: dict | None = None,
-                        capacity: int | None = None, on_full: str | None = None) -> Variable:
+                        capacity: int | None = None, on_full: str | None = None,
+                        evict_batch: float | None = None) -> Variable:
         """Create (or find, if identical) a variable, split by rows over the shards. partition:
         "mod" (row id % shards, the default for tables), "div" (contiguous blocks) or "whole" (one
         shard, the default for 1-D variables). dynamic=True: rows of width `dim` keyed by any int64,
         created on first touch, routed by a hash of the key; admission / eviction / capacity (per
-        shard) / on_full ("evict" or "refuse") set its policy (docs/dynamic.md).
+        shard) / on_full ("evict" or "refuse") / evict_batch (the least share of the capacity a full
+        table evicts at once, default 0.05) set its policy (docs/dynamic.md).
 
             client.create_variable("emb", initial_value=np.zeros((1000, 64), np.float32), optimizer="opt")
             client.create_variable("emb", shape=(10**6, 64), initializer={"class_name": "RandomNormal",
@@ -165,10 +167,10 @@ class Client:
             return self._create_dynamic(name, dim if dim is not None else (shape[-1] if shape else None), dtype,
                                         initializer, optimizer, key_dtype, initial_value, partition,
                                         {"admission": admission, "eviction": eviction, "capacity": capacity,
-                                         "on_full": on_full})
-        if dim is not None or any(x is not None for x in (admission, eviction, capacity, on_full)):
-            raise errors.InvalidArgument(f"variable {name!r}: dim, admission, eviction, capacity and on_full are "
-                                         "for dynamic variables (dynamic=True)")
+                                         "on_full": on_full, "evict_batch": evict_batch})
+        if dim is not None or any(x is not None for x in (admission, eviction, capacity, on_full, evict_batch)):
+            raise errors.InvalidArgument(f"variable {name!r}: dim, admission, eviction, capacity, on_full and "
+                                         "evict_batch are for dynamic variables (dynamic=True)")
         if initial_value is not None:
             initial_value = np.asarray(initial_value)
             if initial_value.dtype not in (np.float32, np.float64):

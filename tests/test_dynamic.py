@@ -132,7 +132,8 @@ def test_a_full_table_that_refuses_changes_nothing(numba_client, unique):
 
 def test_a_full_table_evicts_the_least_recently_updated_rows(numba_client, unique):
     c = numba_client
-    var = c.create_variable(f"{unique}_e", dim=2, dynamic=True, optimizer=sgd(c, f"{unique}_o"), capacity=10)
+    var = c.create_variable(f"{unique}_e", dim=2, dynamic=True, optimizer=sgd(c, f"{unique}_o"), capacity=10,
+                            evict_batch=0.0)   # evict exactly what a push needs
     for k in range(10):   # key k last updated at step k + 1
         c.push({f"{unique}_e": (np.array([k]), np.ones((1, 2), np.float32))})
     c.push({f"{unique}_e": (np.array([0]), np.ones((1, 2), np.float32))})   # key 0 is recent again
@@ -142,6 +143,11 @@ def test_a_full_table_evicts_the_least_recently_updated_rows(numba_client, uniqu
     np.testing.assert_array_equal(var.pull([1]), np.zeros((1, 2)))   # evicted: the initial value again
     with pytest.raises(sparseps.ResourceExhausted, match="even after evicting"):
         c.push({f"{unique}_e": (np.arange(11), np.ones((11, 2), np.float32))})
+    batched = c.create_variable(f"{unique}_eb", dim=2, dynamic=True, optimizer=f"{unique}_o", capacity=10,
+                                evict_batch=0.5)   # a full table frees at least half of it at once
+    c.push({f"{unique}_eb": (np.arange(10), np.ones((10, 2), np.float32))})
+    c.push({f"{unique}_eb": (np.array([100]), np.ones((1, 2), np.float32))})
+    assert batched.size() == 6   # 5 oldest evicted for 1 new key
 
 
 # ---------------------------------------------------------------------------------------- eviction
