@@ -44,6 +44,16 @@ def _bucket(key, shift):
 
 
 @_jit
+def _find(tab, mask, key, b):
+    """The bucket holding `key`, probing from bucket b; -1 when the key is absent."""
+    while tab[b, 1] != -1:
+        if tab[b, 0] == key:
+            return b
+        b = (b + 1) & mask
+    return -1
+
+
+@_jit
 def _lookup(tab, shift, query, out):
     mask = tab.shape[0] - 1
     n = query.shape[0]
@@ -52,15 +62,8 @@ def _lookup(tab, shift, query, out):
         out[i] = b
         _prefetch(tab, b, 0)
     for i in range(n):   # pass 2: probe
-        k = query[i]
-        b = out[i]
-        r = -1
-        while tab[b, 1] != -1:
-            if tab[b, 0] == k:
-                r = tab[b, 1]
-                break
-            b = (b + 1) & mask
-        out[i] = r
+        b = _find(tab, mask, query[i], out[i])
+        out[i] = tab[b, 1] if b >= 0 else -1
 
 
 @_jit
@@ -81,15 +84,9 @@ def _remove(tab, shift, query, out):
     """Delete keys; out[i] = the row the key had, or -1. Backward-shift deletion."""
     mask = tab.shape[0] - 1
     for i in range(query.shape[0]):
-        k = query[i]
-        b = _bucket(k, shift)
-        out[i] = -1
-        while tab[b, 1] != -1:
-            if tab[b, 0] == k:
-                out[i] = tab[b, 1]
-                break
-            b = (b + 1) & mask
-        if out[i] == -1:
+        b = _find(tab, mask, query[i], _bucket(query[i], shift))
+        out[i] = tab[b, 1] if b >= 0 else -1
+        if b < 0:
             continue
         hole = b
         j = b
