@@ -29,7 +29,7 @@ COPY . /src
 # The numba kernels are compiled here once, so a shard starts serving in about a second.
 RUN python3 -m venv /opt/venv \
     && /opt/venv/bin/pip install --no-cache-dir "/src[${EXTRAS}]" \
-    && /opt/venv/bin/python3 -c "from sparseps.server import backends; backends.create('numba')"
+    && /opt/venv/bin/sparseps-server --compile-kernels
 
 FROM ${BASE_IMAGE}
 COPY --from=build /opt/venv /opt/venv

@@ -12,7 +12,9 @@ class LocalServer:
     """One sparseps-server child process on 127.0.0.1; stop() ends it by its PID."""
 
     def __init__(self, *args, port: int = 0, env: dict | None = None, log_path: str | None = None,
-                 ready_timeout: float = 60.0):
+                 ready_timeout: float = 180.0):
+        # ready_timeout: a first start on a machine whose numba cache is cold compiles the kernels
+        # (72 s measured on two cores); `sparseps-server --compile-kernels` in setup avoids that.
         self._dir = tempfile.mkdtemp(prefix="sparseps-")
         port_file = os.path.join(self._dir, "port")
         self.log_path = log_path or os.path.join(self._dir, "server.log")

@@ -10,6 +10,9 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e '.[dev]'
+# numba compiles the shard's kernels on first use: about a minute on two cores. Do it once here,
+# into numba's on-disk cache, so every server the demo or the tests start is up in a second.
+.venv/bin/python -m sparseps.server --compile-kernels
 if [ "${1:-}" = "--test" ]; then
   .venv/bin/python -m pip install -q -r requirements-test.txt
   # tf-keras (Keras 2 on TF 2.21) for the TF-checkpoint round trip; --no-deps: its own pin would

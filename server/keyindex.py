@@ -172,3 +172,15 @@ class KeyIndex:
         _remove(self.tab, self.shift, np.ascontiguousarray(keys, np.int64), out)
         self.size -= int((out >= 0).sum())
         return out
+
+
+def warmup():
+    """Compile (or load from numba's cache) the index kernels, so a shard's first dynamic push
+    does not pay for it."""
+    ix = KeyIndex(4)
+    keys = np.arange(8, dtype=np.int64)
+    ix.insert(keys, keys)
+    ix.move(keys[:2], keys[2:4])
+    ix.lookup(keys)
+    ix.remove(keys[:3])
+    ix.reserve(64)

@@ -39,3 +39,19 @@ def test_wheel_holds_the_three_folders_under_one_namespace(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"}).stdout.split()
     assert out[0].startswith(str(target)) and out[1] == "sparseps.v1"
+
+
+def test_compile_kernels_leaves_nothing_for_a_server_start_to_compile():
+    """setup.sh and the image build run `--compile-kernels` so a shard starts in a second: every
+    kernel a start needs must then load from numba's cache (a cold compile is about a minute)."""
+    from sparseps.local import LocalServer
+    r = subprocess.run([sys.executable, "-m", "sparseps.server", "--compile-kernels"], capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0 and "numba kernels compiled or loaded" in r.stdout, r.stdout + r.stderr
+    srv = LocalServer("--backend", "numba", env={"NUMBA_DEBUG_CACHE": "1"})
+    try:
+        log = srv.log()
+    finally:
+        srv.stop()
+    assert "[cache] data loaded" in log, log
+    assert "[cache] data saved" not in log, f"a server start compiled kernels --compile-kernels missed:\n{log}"

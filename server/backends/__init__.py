@@ -47,3 +47,21 @@ def create(name: str = "auto", device: str | None = None, device_memory_budget: 
         from .tf_backend import TensorFlowBackend
         return TensorFlowBackend(device)
     raise ValueError(f"unknown backend {name!r} (numba, numpy, tensorflow, cuda or auto)")
+
+
+def compile_kernels() -> float:
+    """Compile every CPU kernel a shard runs (or load it from numba's on-disk cache); returns the
+    seconds it took. A cold compile is about a minute on two cores, a cache load about a second:
+    setup and the image build run this once (`sparseps-server --compile-kernels`), so no shard's
+    first start -- and no test's server -- waits on the compiler."""
+    import time
+    t0 = time.perf_counter()
+    try:
+        import numba  # noqa: F401
+    except ImportError:
+        return 0.0
+    from .. import keyindex
+    from .numpy_backend import NumbaBackend
+    NumbaBackend()
+    keyindex.warmup()
+    return time.perf_counter() - t0
