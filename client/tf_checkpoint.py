@@ -170,10 +170,7 @@ def export_checkpoint(client, out_dir: str, optimizer: str | None = None, mappin
         var_node = leaf(VALUE_KEY.format(path=path), value, f"{parts[-2] if len(parts) > 1 else var}/{parts[-1]}")
         child(parent, parts[-1], var_node)
         for slot in slot_names:
-            try:
-                arr = client.pull(var, slot=slot)
-            except errors.NotFound:   # no push has touched the variable yet: Keras would have zeros
-                arr = np.zeros_like(value)
+            arr = client.pull(var, slot=slot)   # before any push: the value the slot will start at
             slot_node = leaf(SLOT_KEY.format(path=path, slot=slot), arr, f"{full}/{var}/{slot}")
             graph.nodes[opt_node].slot_variables.add(original_variable_node_id=var_node, slot_name=slot,
                                                      slot_variable_node_id=slot_node)

@@ -349,10 +349,13 @@ class Shard:
                 if slot not in var.slots:
                     opt = self.optimizers.get(var.optimizer)
                     names = opt.impl.slot_names() if opt else []
-                    if slot in names:
-                        raise NotFound(f"slot {slot!r} of variable {name!r} does not exist yet: "
-                                       "slots are created by the first push that updates the variable")
-                    raise NotFound(f"variable {name!r} has no slot {slot!r} (its optimizer has {names})")
+                    if slot not in names:
+                        raise NotFound(f"variable {name!r} has no slot {slot!r} (its optimizer has {names})")
+                    # Slots are made by the first push that updates the variable; until then one
+                    # reads as what it will be made with (Adagrad's initial_accumulator_value,
+                    # Lookahead's copy of the weights), as a built Keras optimizer's slot would.
+                    values = opt.impl.initial_slot(_HOST, self.bk.to_numpy(var.value, rows), slot)
+                    return values, gids, opt.iterations
                 arr = var.slots[slot]
             else:
                 arr = var.value

@@ -197,6 +197,38 @@ def test_tf_checkpoint_restores_into_keras2_legacy_optimizer(tmp_path, case):
 
 
 
+@pytest.mark.parametrize("case", ["adagrad", "ftrl"])
+def test_slots_before_the_first_push_read_and_export_as_keras_builds_them(tmp_path, case):
+    """Adagrad's and Ftrl's accumulators start at initial_accumulator_value, not 0: an untouched
+    variable's slots must read (and export to a TF checkpoint) as what Keras builds."""
+    tf = pytest.importorskip("tensorflow")
+    tf_keras = pytest.importorskip("tf_keras", reason="tf_keras not installed")
+    from sparseps.tf_checkpoint import export_checkpoint
+    cfg = CONFIGS[case]
+    model = tf_keras.Sequential([tf_keras.layers.Embedding(10, 4)])
+    model.build((None, 3))
+    built = getattr(tf_keras.optimizers.legacy, cfg["class_name"])(**cfg["config"])
+    built._create_all_weights(model.trainable_variables)   # Keras's own slots, before any step
+    emb = model.layers[0].embeddings
+    with LocalServer("--backend", "numpy", "--no-malloc-tuning") as srv, sparseps.connect(srv.address) as c:
+        c.create_optimizer("o", cfg)
+        c.create_variable("emb", initial_value=init(), optimizer="o")
+        for slot in SLOTS[case]:
+            np.testing.assert_array_equal(c.pull("emb", slot=slot), built.get_slot(emb, slot).numpy())
+            np.testing.assert_array_equal(c.pull("emb", np.array([7, 2]), slot=slot),
+                                          built.get_slot(emb, slot).numpy()[[7, 2]])
+        with pytest.raises(sparseps.NotFound, match="no slot 'm'"):
+            c.pull("emb", slot="m")
+        prefix = export_checkpoint(c, str(tmp_path))
+        assert c.optimizer("o").iterations == 0
+    restored = getattr(tf_keras.optimizers.legacy, cfg["class_name"])(**cfg["config"])
+    status = tf.train.Checkpoint(model=model, optimizer=restored).restore(prefix)
+    restored._create_all_weights(model.trainable_variables)
+    status.assert_consumed()
+    for slot in SLOTS[case]:
+        np.testing.assert_array_equal(restored.get_slot(emb, slot).numpy(), built.get_slot(emb, slot).numpy())
+
+
 # ---------------------------------------------------------------- Keras integration
 @pytest.mark.parametrize("cls, kw", [("Adagrad", {"learning_rate": 0.1}),
                                      ("Ftrl", {"learning_rate": 0.1, "l1_regularization_strength": 0.01}),

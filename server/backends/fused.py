@@ -390,11 +390,30 @@ RMS_CENTERED, RMS_MOMENTUM = 1, 2                      # flags of RMSPROP
 def _keras_rows(kind, flags, var, s1, s2, s3, uniq, offs, order, grads, scratch, si, lo, hi, zero, one, c):
     """Unique rows uniq[lo:hi]; each row's gradient is 0 + g_first + g_second + ... (input order,
     as tf.unique + unsorted_segment_sum), summed into scratch[si]. s1..s3 are the slots (unused
-    ones are any table of the same type). c holds the kind's coefficients (see the wrappers)."""
+    ones are any table of the same type). c holds the kind's coefficients (see the wrappers).
+    The flag tests sit outside the per-element loops, so each loop is one straight-line body; the
+    rows of every slot a kind uses are prefetched (a random row missed in cache costs more than
+    its arithmetic)."""
     dim = var.shape[1]
     line = _line_elems(var)
+    centered = kind == RMSPROP and flags & RMS_CENTERED != 0
+    momentum = kind == RMSPROP and flags & RMS_MOMENTUM != 0
+    use_s2 = kind == FTRL or centered
+    shrink = flags & FTRL_SHRINK != 0
+    ftrl_fast = kind == FTRL and flags & (FTRL_SQRT | FTRL_SCALAR) == FTRL_SQRT
+    c0, c1, c2, c3 = c[0], c[1], c[2] if c.shape[0] > 2 else zero, c[3] if c.shape[0] > 3 else zero
+    c4, c5 = c[4] if c.shape[0] > 4 else zero, c[5] if c.shape[0] > 5 else zero
+    nc1 = -c1
     for u in range(lo, hi):
-        _prefetch_ahead(var, s1, uniq, u, hi, dim, line)
+        up = u + PREFETCH_ROWS
+        if up < hi:
+            rp = uniq[up]
+            _prefetch_row(var, rp, dim, line)
+            _prefetch_row(s1, rp, dim, line)
+            if use_s2:
+                _prefetch_row(s2, rp, dim, line)
+            if momentum:
+                _prefetch_row(s3, rp, dim, line)
         r = uniq[u]
         for j in range(dim):
             scratch[si, j] = zero
@@ -407,51 +426,79 @@ def _keras_rows(kind, flags, var, s1, s2, s3, uniq, offs, order, grads, scratch,
                 g = scratch[si, j]
                 a = s1[r, j] + g * g
                 s1[r, j] = a
-                var[r, j] = var[r, j] - (c[0] * g) / (np.sqrt(a) + c[1])
+                var[r, j] = var[r, j] - (c0 * g) / (np.sqrt(a) + c1)
+        elif ftrl_fast:       # Ftrl with learning_rate_power -0.5 on a 2-D table: no pow
+            for j in range(dim):
+                g = scratch[si, j]
+                a = s1[r, j]
+                v = var[r, j]
+                gs = g
+                if shrink:
+                    gs = g + c3 * v
+                new = a + g * g
+                pn = np.sqrt(new)
+                lin = s2[r, j] + (gs - ((pn - np.sqrt(a)) / c0) * v)
+                clipped = c1 if c1 < lin else lin   # max(min(lin, l1), -l1) bit for bit, as selects
+                clipped = nc1 if clipped < nc1 else clipped
+                var[r, j] = (clipped - lin) / (pn / c0 + c2)
+                s2[r, j] = lin
+                s1[r, j] = new
         elif kind == FTRL:    # c = lr, l1, 2 l2', 2 l2_shrinkage, -lr_power; s1 = accumulator, s2 = linear
             for j in range(dim):
                 g = scratch[si, j]
                 a = s1[r, j]
                 v = var[r, j]
-                gs = g + c[3] * v if flags & FTRL_SHRINK else g
+                gs = g + c3 * v if shrink else g
                 new = a + g * g
                 if flags & FTRL_SQRT:
                     pn = np.sqrt(new)
                     pa = np.sqrt(a)
                 else:
-                    pn = new ** c[4]
-                    pa = a ** c[4]
+                    pn = new ** c4
+                    pa = a ** c4
                 if flags & FTRL_SCALAR:   # the kernel's loop for 1-D variables: pow, other order
-                    lin = (s2[r, j] + gs) - ((new ** c[4] - a ** c[4]) / c[0]) * v
+                    lin = (s2[r, j] + gs) - ((new ** c4 - a ** c4) / c0) * v
                 else:
-                    lin = s2[r, j] + (gs - ((pn - pa) / c[0]) * v)
-                clipped = max(min(lin, c[1]), -c[1])
-                var[r, j] = (clipped - lin) / (pn / c[0] + c[2])
+                    lin = s2[r, j] + (gs - ((pn - pa) / c0) * v)
+                clipped = c1 if c1 < lin else lin   # max(min(lin, l1), -l1) bit for bit, as selects
+                clipped = nc1 if clipped < nc1 else clipped
+                var[r, j] = (clipped - lin) / (pn / c0 + c2)
                 s2[r, j] = lin
                 s1[r, j] = new
-        else:                 # RMSPROP: c = lr, -lr, rho, 1 - rho, momentum, eps; s1 rms, s2 mg, s3 momentum
-            for j in range(dim):
-                g = scratch[si, j]
-                if flags & RMS_MOMENTUM:
-                    ms = s1[r, j] * c[2] + (g * g) * c[3]
+        elif momentum:        # RMSPROP: c = lr, -lr, rho, 1 - rho, momentum, eps; s1 rms, s2 mg, s3 momentum
+            if centered:
+                for j in range(dim):
+                    g = scratch[si, j]
+                    ms = s1[r, j] * c2 + (g * g) * c3
                     s1[r, j] = ms
-                    d = ms + c[5]
-                    if flags & RMS_CENTERED:
-                        mg = s2[r, j] * c[2] + g * c[3]
-                        s2[r, j] = mg
-                        d = d - mg * mg
-                    m = s3[r, j] * c[4] + ((one / np.sqrt(d)) * c[0]) * g
+                    mg = s2[r, j] * c2 + g * c3
+                    s2[r, j] = mg
+                    m = s3[r, j] * c4 + ((one / np.sqrt((ms + c5) - mg * mg)) * c0) * g
                     s3[r, j] = m
                     var[r, j] = var[r, j] - m
-                else:   # the slots have decayed already (every row); add the rows' terms
-                    ms = s1[r, j] + (g * g) * c[3]
+            else:
+                for j in range(dim):
+                    g = scratch[si, j]
+                    ms = s1[r, j] * c2 + (g * g) * c3
                     s1[r, j] = ms
-                    d = ms
-                    if flags & RMS_CENTERED:
-                        mg = s2[r, j] + g * c[3]
-                        s2[r, j] = mg
-                        d = d - mg * mg
-                    var[r, j] = var[r, j] + (c[1] * g) / (np.sqrt(d) + c[5])
+                    m = s3[r, j] * c4 + ((one / np.sqrt(ms + c5)) * c0) * g
+                    s3[r, j] = m
+                    var[r, j] = var[r, j] - m
+        else:                 # RMSPROP without momentum: the slots have decayed already (every row)
+            if centered:
+                for j in range(dim):
+                    g = scratch[si, j]
+                    ms = s1[r, j] + (g * g) * c3
+                    s1[r, j] = ms
+                    mg = s2[r, j] + g * c3
+                    s2[r, j] = mg
+                    var[r, j] = var[r, j] + (c1 * g) / (np.sqrt(ms - mg * mg) + c5)
+            else:
+                for j in range(dim):
+                    g = scratch[si, j]
+                    ms = s1[r, j] + (g * g) * c3
+                    s1[r, j] = ms
+                    var[r, j] = var[r, j] + (c1 * g) / (np.sqrt(ms) + c5)
 
 
 @numba.njit(**_JIT)
