@@ -267,7 +267,8 @@ class Client:
         min_iterations: wait until every shard asked has applied that many steps. For a sync-mode
         optimizer the rows returned always come from one step s (>= min_iterations), never mixed
         across shards (docs/consistency.md). worker_id: bounded mode, hold the pull until the
-        slowest worker is within the optimizer's staleness of this one.
+        slowest worker is within the optimizer's staleness of this one. A slot read before the
+        first push that updates the variable returns the value the slot will start at.
 
             rows = client.pull("emb", np.array([3, 7, 7]))        # ndarray (3, 64)
             table = client.pull("emb")                            # every row
