@@ -189,6 +189,13 @@ class DynamicTable:
             new[:self.live] = old[:self.live]
             setattr(self, name, new)
 
+    def shrink(self, cap: int):
+        """Metadata for `cap` (>= live) rows, and a smaller index if evictions left it oversized."""
+        arrays = {name: getattr(self, name)[:cap].copy() for name in ("keys", "step", "when")}
+        self.index.shrink()
+        for name, arr in arrays.items():
+            setattr(self, name, arr)
+
     def add(self, keys: np.ndarray, step: int) -> np.ndarray:
         """Rows for distinct new keys at the end (room reserved); returns their positions."""
         pos = np.arange(self.live, self.live + len(keys), dtype=np.int64)

@@ -128,9 +128,9 @@ class KeyIndex:
         self.size = 0
 
     def _alloc(self, log2):
-        self.log2 = log2
-        self.tab = np.empty((1 << log2, 2), np.int64)
-        self.tab[:, 1] = EMPTY
+        tab = np.empty((1 << log2, 2), np.int64)   # may raise MemoryError: nothing changed yet
+        tab[:, 1] = EMPTY
+        self.tab, self.log2 = tab, log2
 
     @property
     def shift(self) -> int:
@@ -154,6 +154,17 @@ class KeyIndex:
         if log2 != self.log2:
             old = self.tab
             self._alloc(log2)
+            _rehash(old, self.tab, self.shift)
+
+    def shrink(self):
+        """Give buckets back after evictions: an index four times larger than its keys need is
+        rebuilt at twice what they need (room to refill without rebuilding at once)."""
+        need = MIN_LOG2
+        while (1 << need) * 3 < self.size * 4:
+            need += 1
+        if self.log2 >= need + 2:
+            old = self.tab
+            self._alloc(need + 1)
             _rehash(old, self.tab, self.shift)
 
     def insert(self, keys: np.ndarray, rows: np.ndarray):

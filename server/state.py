@@ -645,7 +645,25 @@ class Shard:
             pos = var.table.index.lookup(np.unique(np.asarray(keys, np.int64)))
             pos = pos[pos >= 0]
             self._remove_rows(var, pos)
+            self._shrink(var)
             return len(pos)
+
+    def _shrink(self, var: Variable):
+        """After an eviction, give memory back from a table at most a quarter full: down to twice
+        its live rows (at least 1024), so a table that refills does not regrow at once. The same
+        evictions replayed from the log shrink the same way; row positions do not change."""
+        table = var.table
+        cap = max(2 * table.live, 1024)
+        if table.live * 4 > table.capacity_rows or cap >= table.capacity_rows:
+            return
+        try:   # grow() copies the live rows into a new array of `cap` rows: smaller, here
+            value = self.bk.grow(var.value, cap, table.live)
+            slots = {n: self.bk.grow(a, cap, table.live) for n, a in var.slots.items()}
+            table.shrink(cap)
+        except MemoryError:   # keep the larger arrays: nothing was changed
+            return
+        var.value = value
+        var.slots.update(slots)
 
     def _step(self, opt: OptimizerState, grads: list, timings: list | None = None) -> int:
         impl, bk = opt.impl, self.bk

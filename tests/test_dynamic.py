@@ -171,6 +171,38 @@ def test_eviction_by_steps_on_demand_and_by_seconds_on_schedule(client3, unique)
     assert wait_until(lambda: timed.size() == 0), "rows older than 1 s were not evicted on schedule"
 
 
+def test_eviction_gives_memory_back_and_keeps_the_survivors_exact(client, unique):
+    """A table that eviction leaves at most a quarter full shrinks to twice its live rows (at
+    least 1024): its bytes go down, the surviving rows and slots are unchanged, and it trains on."""
+    c = client
+    c.create_optimizer(f"{unique}_o", "LazyAdam", learning_rate=0.1)
+    name = f"{unique}_g"
+    var = c.create_variable(name, dim=8, dynamic=True, optimizer=f"{unique}_o", initializer=NORMAL,
+                            eviction={"max_age_steps": 1, "interval_seconds": 3600})
+    rng = np.random.default_rng(5)
+    many, few = rng.choice(2 ** 40, 20000, replace=False).astype(np.int64), np.arange(300, dtype=np.int64)
+    initial = var.pull(many[:50])
+    c.push({name: (many, rng.normal(size=(20000, 8)).astype(np.float32))})
+    c.push({name: (few, rng.normal(size=(300, 8)).astype(np.float32))})
+
+    def stats():
+        (v,) = [v for v in c.status()["shards"][0]["variables"] if v["name"] == name]
+        return v["table_stats"]["capacity_rows"], v["bytes"]
+    cap_before, bytes_before = stats()
+    assert cap_before >= 20300
+    kept = {s: c.pull(name, few, slot=s) for s in ("", "m", "v")}
+    assert c.evict(name) == {name: 20000 - len(np.intersect1d(many, few))}
+    cap_after, bytes_after = stats()
+    assert cap_after == 1024 and bytes_after < bytes_before / 10, (cap_after, bytes_after, bytes_before)
+    for s, rows in kept.items():
+        np.testing.assert_array_equal(c.pull(name, few, slot=s), rows)
+    np.testing.assert_array_equal(np.sort(var.export()[0]), few)
+    np.testing.assert_array_equal(var.pull(many[:50]), initial)   # evicted: the initial value again
+    c.push({name: (many[:50], np.zeros((50, 8), np.float32))})   # back as new rows (a zero step moves nothing)
+    np.testing.assert_array_equal(var.pull(many[:50]), initial)
+    assert var.size() == 350
+
+
 def test_export_since_step_is_incremental(numba_client, unique):
     c = numba_client
     var = c.create_variable(f"{unique}_x", dim=3, dynamic=True, optimizer=sgd(c, f"{unique}_o"))
