@@ -117,14 +117,19 @@ def _rehash(old, tab, shift):
         tab[b, 1] = old[i, 1]
 
 
+def _log2_for(n: int) -> int:
+    """log2 of the fewest buckets (at least 2**MIN_LOG2) that hold n keys at most 3/4 full."""
+    log2 = MIN_LOG2
+    while (1 << log2) * 3 < n * 4:
+        log2 += 1
+    return log2
+
+
 class KeyIndex:
     """Key -> row for one dynamic table on one shard. Not thread-safe: the shard lock guards it."""
 
     def __init__(self, expected: int = 0):
-        log2 = MIN_LOG2
-        while (1 << log2) * 3 < expected * 4:
-            log2 += 1
-        self._alloc(log2)
+        self._alloc(_log2_for(expected))
         self.size = 0
 
     def _alloc(self, log2):
@@ -148,24 +153,21 @@ class KeyIndex:
 
     def reserve(self, n: int):
         """Room for `n` keys in all without passing 3/4 full (allocates before anything changes)."""
-        log2 = self.log2
-        while (1 << log2) * 3 < n * 4:
-            log2 += 1
-        if log2 != self.log2:
-            old = self.tab
-            self._alloc(log2)
-            _rehash(old, self.tab, self.shift)
+        log2 = _log2_for(n)
+        if log2 > self.log2:
+            self._rebuild(log2)
+
+    def _rebuild(self, log2):
+        old = self.tab
+        self._alloc(log2)
+        _rehash(old, self.tab, self.shift)
 
     def shrink(self):
         """Give buckets back after evictions: an index four times larger than its keys need is
         rebuilt at twice what they need (room to refill without rebuilding at once)."""
-        need = MIN_LOG2
-        while (1 << need) * 3 < self.size * 4:
-            need += 1
+        need = _log2_for(self.size)
         if self.log2 >= need + 2:
-            old = self.tab
-            self._alloc(need + 1)
-            _rehash(old, self.tab, self.shift)
+            self._rebuild(need + 1)
 
     def insert(self, keys: np.ndarray, rows: np.ndarray):
         """Add distinct keys that are absent, with their rows."""
