@@ -132,8 +132,55 @@ def _uniform(base: np.ndarray, counters: np.ndarray) -> np.ndarray:
 
 
 def _normal(base, counters):
-    u1, u2 = _uniform(base, 2 * counters), _uniform(base, 2 * counters + 1)
-    return np.sqrt(-2.0 * np.log1p(-u1)) * np.cos(2.0 * np.pi * u2)
+    return _box_muller(_uniform(base, 2 * counters), _uniform(base, 2 * counters + 1))
+
+
+# Box-Muller in plain IEEE float64 operations: numpy's log1p and cos change with the CPU's SIMD
+# dispatch (AVX-512 has its own), and a key's initial value must be the same on every machine
+# (a replica, a restore elsewhere). Accurate to a few ulp; what matters is that it is one order of
+# operations everywhere.
+_LN2_HI, _LN2_LO = 6.93147180369123816490e-01, 1.90821492927058770002e-10   # ln 2 = hi + lo, hi exact in 32 bits
+_ATANH = [1.0 / k for k in range(23, 0, -2)]    # 2 atanh(s) = 2 (s + s^3/3 + ... + s^23/23)
+
+
+def _log_unit(w):
+    """log(w) for float64 w in (0, 1]."""
+    m, e = np.frexp(w)
+    low = m < 0.70710678118654752440
+    m = np.where(low, m * 2.0, m)
+    e = np.where(low, e - 1, e).astype(np.float64)
+    s = (m - 1.0) / (m + 1.0)
+    s2 = s * s
+    p = np.full_like(s, _ATANH[0])
+    for c in _ATANH[1:]:
+        p = p * s2 + c
+    return e * _LN2_HI + ((2.0 * s) * p + e * _LN2_LO)
+
+
+_COS = [(-1.0) ** k / math.factorial(2 * k) for k in range(11, -1, -1)]
+_SIN = [(-1.0) ** k / math.factorial(2 * k + 1) for k in range(11, -1, -1)]
+
+
+def _cos_turns(u):
+    """cos(2 pi u) for float64 u in [0, 1): quadrant from 4u (exact), then a Taylor polynomial on
+    [0, pi/2)."""
+    q4 = u * 4.0
+    q = np.floor(q4)
+    x = (q4 - q) * (math.pi / 2)
+    x2 = x * x
+    c = np.full_like(x, _COS[0])
+    for k in _COS[1:]:
+        c = c * x2 + k
+    sn = np.full_like(x, _SIN[0])
+    for k in _SIN[1:]:
+        sn = sn * x2 + k
+    sn = sn * x
+    qi = q.astype(np.int64) & 3
+    return np.select([qi == 0, qi == 1, qi == 2], [c, -sn, -c], sn)
+
+
+def _box_muller(u1, u2):
+    return np.sqrt(-2.0 * _log_unit(1.0 - u1)) * _cos_turns(u2)
 
 
 def _truncated_keys(base, width):
@@ -153,7 +200,7 @@ def _normal_pairs(base: np.ndarray, counters: np.ndarray) -> np.ndarray:
     c = counters.astype(np.uint64)
     u1 = (splitmix64(base + (2 * c) * _GOLDEN) >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
     u2 = (splitmix64(base + (2 * c + np.uint64(1)) * _GOLDEN) >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
-    return np.sqrt(-2.0 * np.log1p(-u1)) * np.cos(2.0 * np.pi * u2)
+    return _box_muller(u1, u2)
 
 
 def parse(initializer_json: str, name: str):

@@ -1,6 +1,6 @@
 """Fused per-row numba kernels for sparse optimizer updates (CPU backend).
 
-Plain module: numpy + numba only, nothing from the project is imported.
+Plain module: numpy + numba, and from the project only server/eigen_pow.py (TF's pow, one source).
 
 Every kernel is ``@numba.njit(nogil=True, cache=True, fastmath=False, error_model="numpy")``:
 
@@ -52,15 +52,19 @@ numba's on-disk cache records the importing module's name: load this file under 
 """
 from __future__ import annotations
 
+import math
 import threading
 import time
+from types import SimpleNamespace as types_ns
 
 import numba
 import numpy as np
 from llvmlite import ir
 from numba import prange, types
 from numba.core import cgutils
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
+
+from sparseps.server import eigen_pow as _eigen_pow   # TF 2.15's pow, one source (numpy only)
 
 __all__ = [
     "unique_sum",
@@ -79,6 +83,7 @@ __all__ = [
 # error_model='numpy': x / 0 gives inf/nan as in numpy and TF (the default 'python' model raises
 # ZeroDivisionError, and its check is an early loop exit that stops LLVM vectorising the row loop).
 _JIT = dict(nogil=True, cache=True, fastmath=False, error_model="numpy")
+_JIT_NOCACHE = dict(_JIT, cache=False)
 
 #: from this many ids (rows for keras_momentum_sparse / gather_rows) on, the parallel kernels are
 #: used: a prange launch costs ~5-20 us with spinning workers, a futex wake-up (tens of us) with
@@ -379,6 +384,91 @@ def _momentum_parallel(var, accum, uniq, summed, lr, momentum, nesterov, nth):
 
 
 # --------------------------------------------------------------------------------------------
+# x ** y as TF 2.15's CPU kernels compute it (server/eigen_pow.py, built here from its one source
+# with numba's scalar operations): Eigen's packet pow on the full packets of a row, libm's (the
+# scalar path, float32 through float64) on the row's tail. Not cached on their own: the kernels
+# that call them are, and embed them (after editing eigen_pow.py, touch this file).
+# --------------------------------------------------------------------------------------------
+@numba.njit(**_JIT_NOCACHE)
+def _nb_where(c, a, b):
+    return a if c else b
+
+
+@numba.njit(**_JIT_NOCACHE)
+def _nb_mul(a, b):
+    return a * b
+
+
+@numba.njit(**_JIT_NOCACHE)
+def _nb_add(a, b):
+    return a + b
+
+
+@numba.njit(**_JIT_NOCACHE)
+def _nb_sub(a, b):
+    return a - b
+
+
+@numba.njit(**_JIT_NOCACHE)
+def _nb_div(a, b):
+    return a / b
+
+
+@numba.njit(**_JIT_NOCACHE)
+def _nb_signbit(x):
+    return math.copysign(1.0, x) < 0.0
+
+
+@numba.njit(**_JIT_NOCACHE)
+def _nb_isnan(x):
+    return x != x
+
+
+def _nb_ops(F):
+    @numba.njit(**_JIT_NOCACHE)
+    def trunc(x):
+        return F(np.trunc(x))
+
+    @numba.njit(**_JIT_NOCACHE)
+    def floor(x):
+        return F(np.floor(x))
+
+    @numba.njit(**_JIT_NOCACHE)
+    def frexp(x):
+        m, e = math.frexp(x)
+        return F(m), F(e)
+
+    @numba.njit(**_JIT_NOCACHE)
+    def ldexp2(b):
+        return F(math.ldexp(1.0, int(b)))
+
+    return types_ns(jit=numba.njit(**_JIT_NOCACHE), mul=_nb_mul, add=_nb_add, sub=_nb_sub, div=_nb_div,
+                    where=_nb_where, trunc=trunc, floor=floor, frexp=frexp, ldexp2=ldexp2,
+                    signbit=_nb_signbit, isnan=_nb_isnan, F=F, is32=F is np.float32)
+
+
+_pow32 = _eigen_pow.build(_nb_ops(np.float32)).pow
+_pow64 = _eigen_pow.build(_nb_ops(np.float64)).pow
+
+
+def _tf_pow(x, y, packet):
+    """x ** y on the reference's packet path (packet True) or its scalar path."""
+
+
+@overload(_tf_pow, jit_options=_JIT_NOCACHE)
+def _tf_pow_impl(x, y, packet):
+    if x == types.float32:
+        def pow32(x, y, packet):
+            if packet:
+                return _pow32(x, y)
+            return np.float32(_pow64(np.float64(x), np.float64(y)))
+        return pow32
+
+    def pow64(x, y, packet):
+        return _pow64(x, y)
+    return pow64
+
+
 # Adagrad, Ftrl, RMSprop (Keras legacy sparse kernels) on raw ids: one driver, one row loop each
 # --------------------------------------------------------------------------------------------
 ADAGRAD, FTRL, RMSPROP = 0, 1, 2
@@ -404,6 +494,9 @@ def _keras_rows(kind, flags, var, s1, s2, s3, uniq, offs, order, grads, scratch,
     c0, c1, c2, c3 = c[0], c[1], c[2] if c.shape[0] > 2 else zero, c[3] if c.shape[0] > 3 else zero
     c4, c5 = c[4] if c.shape[0] > 4 else zero, c[5] if c.shape[0] > 5 else zero
     nc1 = -c1
+    # Ftrl's pow: Eigen's packet path on a row chip's full packets, std::pow on its tail and in
+    # the scalar loop of 1-D variables (FTRL_SCALAR: dim is 1, so packet_end is 0)
+    packet_end = dim - dim % (8 if var.itemsize == 4 else 4)
     for u in range(lo, hi):
         up = u + PREFETCH_ROWS
         if up < hi:
@@ -454,10 +547,10 @@ def _keras_rows(kind, flags, var, s1, s2, s3, uniq, offs, order, grads, scratch,
                     pn = np.sqrt(new)
                     pa = np.sqrt(a)
                 else:
-                    pn = new ** c4
-                    pa = a ** c4
+                    pn = _tf_pow(new, c4, j < packet_end)
+                    pa = _tf_pow(a, c4, j < packet_end)
                 if flags & FTRL_SCALAR:   # the kernel's loop for 1-D variables: pow, other order
-                    lin = (s2[r, j] + gs) - ((new ** c4 - a ** c4) / c0) * v
+                    lin = (s2[r, j] + gs) - ((_tf_pow(new, c4, False) - _tf_pow(a, c4, False)) / c0) * v
                 else:
                     lin = s2[r, j] + (gs - ((pn - pa) / c0) * v)
                 clipped = c1 if c1 < lin else lin   # max(min(lin, l1), -l1) bit for bit, as selects

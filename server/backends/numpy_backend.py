@@ -9,6 +9,7 @@ import os
 import numpy as np
 
 from sparseps.reductions import eigen_sum
+from sparseps.server.eigen_pow import eigen_layout_pow
 
 
 class NumpyBackend:
@@ -95,7 +96,12 @@ class NumpyBackend:
     sqrt = staticmethod(np.sqrt)
     maximum = staticmethod(np.maximum)
     minimum = staticmethod(np.minimum)
-    pow = staticmethod(np.power)
+
+    @staticmethod
+    def pow(x, y, run=None):
+        """x ** y as the reference's CPU kernel evaluates it over runs of `run` elements (None:
+        the whole tensor is one run): Eigen's packet pow, libm's on each run's tail (eigen_pow)."""
+        return eigen_layout_pow(x, y, run)
 
     def where(self, cond, a, b):
         return np.where(cond, a, b)

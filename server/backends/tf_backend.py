@@ -32,6 +32,8 @@ import threading
 
 import numpy as np
 
+from sparseps.server.eigen_pow import eigen_layout_pow
+
 # ResourceScatterAdd & co. run serially (in input order) below this many indices on CPU.
 CPU_SERIAL_SCATTER = 1023
 
@@ -342,15 +344,14 @@ class TensorFlowBackend:
         with self.tf.device(self.device):
             return self.tf.minimum(a, b)
 
-    def pow(self, x, y):
-        """x ** y as libm's powf / pow give it (the reference kernels' std::pow): TF's own float32
-        Pow (Eigen's vectorised pow) is off by an ulp or more, so float32 goes through float64."""
+    def pow(self, x, y, run=None):
+        """x ** y as TF 2.15's CPU kernels evaluate it (server/eigen_pow.py, on the host): this
+        TensorFlow's own Pow is another Eigen's, and a GPU's another library's again."""
         tf = self.tf
+        host = x.numpy() if hasattr(x, "numpy") else np.asarray(x)
+        out = eigen_layout_pow(host, np.asarray(y, dtype=host.dtype), run)
         with tf.device(self.device):
-            x = tf.convert_to_tensor(x)
-            if x.dtype == tf.float32:
-                return tf.cast(tf.pow(tf.cast(x, tf.float64), tf.cast(y, tf.float64)), tf.float32)
-            return tf.pow(x, y)
+            return tf.constant(out)
 
     def where(self, cond, a, b):
         with self.tf.device(self.device):

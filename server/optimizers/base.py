@@ -17,7 +17,7 @@ import numpy as np
 from sparseps.errors import InvalidArgument
 from sparseps.reductions import eigen_sum
 
-from . import schedules
+from . import scalar_math, schedules
 from .config_values import as_float, type_error
 
 F32 = np.float32
@@ -42,10 +42,8 @@ def cast_via_f32(value: float, dtype) -> np.generic:
 
 
 def power(base: np.generic, t: int) -> np.generic:
-    """`tf.pow(base, t)` in base's dtype; TF's float32 pow is the correctly rounded result."""
-    if base.dtype == np.float32:
-        return F32(math.pow(float(base), float(t)))
-    return np.float64(math.pow(float(base), float(t)))
+    """`tf.pow(base, t)` on 0-d tensors (libm's pow) in base's dtype, correctly rounded."""
+    return scalar_math.pow(base, t, base.dtype)
 
 
 class Optimizer:

@@ -68,12 +68,15 @@ class Ftrl(Optimizer):
                 "shrink": self.hp["l2_shrinkage_regularization_strength"] > 0, "sqrt": bool(lrp == T(-0.5)),
                 "zero": T(0)}
 
-    def _p(self, bk, x, c):
-        return bk.sqrt(x) if c["sqrt"] else bk.pow(x, c["neg_lrp"])
+    def _p(self, bk, x, c, run):
+        """p(x); `run`: the elements the reference's Eigen expression covers at once (the whole
+        tensor for ApplyFtrl, one row for SparseApplyFtrl's chips), which decides which of them
+        take Eigen's packet pow and which libm's (server/eigen_pow.py)."""
+        return bk.sqrt(x) if c["sqrt"] else bk.pow(x, c["neg_lrp"], run)
 
-    def _linear(self, bk, acc, new, lin, v, g, c):
+    def _linear(self, bk, acc, new, lin, v, g, c, run):
         gs = g + c["two_l2s"] * v if c["shrink"] else g
-        return lin + (gs - ((self._p(bk, new, c) - self._p(bk, acc, c)) / c["lr_t"]) * v)
+        return lin + (gs - ((self._p(bk, new, c, run) - self._p(bk, acc, c, run)) / c["lr_t"]) * v)
 
     def _clipped(self, bk, lin, c):
         return bk.maximum(bk.minimum(lin, c["l1"]), c["neg_l1"])
@@ -83,10 +86,10 @@ class Ftrl(Optimizer):
         acc, linear = slots["accumulator"], slots["linear"]
         a, v = bk.read(acc), bk.read(var)
         new = a + grad * grad
-        lin = self._linear(bk, a, new, bk.read(linear), v, grad, c)
+        lin = self._linear(bk, a, new, bk.read(linear), v, grad, c, None)
         bk.assign(linear, lin)
         with np.errstate(divide="ignore", invalid="ignore"):
-            pre = (self._clipped(bk, lin, c) - lin) / (self._p(bk, new, c) / c["lr_t"] + c["two_l2"])
+            pre = (self._clipped(bk, lin, c) - lin) / (self._p(bk, new, c, None) / c["lr_t"] + c["two_l2"])
             bk.assign(var, bk.where(bk.maximum(lin, -lin) > c["l1"], pre, c["zero"]))
         bk.assign(acc, new)
 
@@ -102,14 +105,15 @@ class Ftrl(Optimizer):
         acc, linear = slots["accumulator"], slots["linear"]
         a, v, lin = bk.gather(acc, ids), bk.gather(var, ids), bk.gather(linear, ids)
         new = a + rows * rows
-        if len(var.shape) == 1:   # the kernel's scalar loop
+        run = int(np.prod(var.shape[1:], dtype=np.int64)) if len(var.shape) > 1 else 1
+        if len(var.shape) == 1:   # the kernel's scalar loop: std::pow, also for -0.5
             gs = rows + c["two_l2s"] * v if c["shrink"] else rows
-            sigma = (bk.pow(new, c["neg_lrp"]) - bk.pow(a, c["neg_lrp"])) / c["lr_t"]
+            sigma = (bk.pow(new, c["neg_lrp"], 1) - bk.pow(a, c["neg_lrp"], 1)) / c["lr_t"]
             lin = (lin + gs) - sigma * v
         else:
-            lin = self._linear(bk, a, new, lin, v, rows, c)
+            lin = self._linear(bk, a, new, lin, v, rows, c, run)
         with np.errstate(divide="ignore", invalid="ignore"):
-            v = (self._clipped(bk, lin, c) - lin) / (self._p(bk, new, c) / c["lr_t"] + c["two_l2"])
+            v = (self._clipped(bk, lin, c) - lin) / (self._p(bk, new, c, run) / c["lr_t"] + c["two_l2"])
         bk.scatter_update(linear, ids, lin)
         bk.scatter_update(var, ids, v)
         bk.scatter_update(acc, ids, new)
@@ -150,8 +154,8 @@ class Keras3Ftrl(Keras3Mixin, KerasNewOptimizer):
         acc, linear = slots["accumulator"], slots["linear"]
         a, v = bk.read(acc), bk.read(var)
         new = a + g2
-        p_new = bk.pow(new, c["neg_lrp"])
-        bk.assign(linear, bk.read(linear) + ((g + c["two_l2s"] * v) - ((p_new - bk.pow(a, c["neg_lrp"])) / c["lr_t"]) * v))
+        p_new = bk.pow(new, c["neg_lrp"], None)   # tf.pow over the whole variable
+        bk.assign(linear, bk.read(linear) + ((g + c["two_l2s"] * v) - ((p_new - bk.pow(a, c["neg_lrp"], None)) / c["lr_t"]) * v))
         lin = bk.read(linear)
         with np.errstate(divide="ignore", invalid="ignore"):
             bk.assign(var, (bk.maximum(bk.minimum(lin, c["l1"]), c["neg_l1"]) - lin) / (p_new / c["lr_t"] + c["two_l2"]))

@@ -3,8 +3,8 @@
 Reference: keras-team/keras v2.15.0, keras/src/optimizers/schedules/learning_rate_schedule.py.
 
 The reference calls a schedule with the 0-based `iterations` and casts the float32 result to the
-variable's dtype. Transcendentals are float64 results rounded to float32 (TF's float32 pow is
-correctly rounded; cos/log may differ from TF by an ulp, which the conformance tolerance covers).
+variable's dtype. Its pow, cos and log run on 0-d float32 tensors, i.e. libm's powf/cosf/logf;
+here they are the correctly rounded values (scalar_math), the same on every machine.
 """
 import copy
 import math
@@ -13,6 +13,7 @@ import numpy as np
 
 from sparseps.errors import InvalidArgument
 
+from . import scalar_math
 from .config_values import as_bool, as_float
 
 F = np.float32
@@ -23,7 +24,15 @@ def _f(x):
 
 
 def _pow(a, b):
-    return F(math.pow(float(a), float(b)))
+    return scalar_math.pow(F(a), F(b), F)
+
+
+def _cos(x):
+    return scalar_math.cos(F(x), F)
+
+
+def _log(x):
+    return scalar_math.log(F(x), F)
 
 
 class Schedule:
@@ -124,7 +133,7 @@ class CosineDecay(Schedule):
 
     def _decay(self, step, decay_steps, from_lr):
         frac = step / decay_steps
-        cos = F(math.cos(float(F(math.pi) * frac)))
+        cos = _cos(F(math.pi) * frac)
         decayed_cos = F(0.5) * (F(1.0) + cos)
         alpha = self.cfg["alpha"]
         return from_lr * (F(1 - alpha) * decayed_cos + F(alpha))
@@ -155,12 +164,12 @@ class CosineDecayRestarts(Schedule):
             i_restart = F(math.floor(frac))
             frac = frac - i_restart
         else:
-            num = F(math.log(float(F(1.0) - frac * (F(1.0) - t_mul))))
-            i_restart = F(math.floor(num / F(math.log(float(t_mul)))))
+            num = _log(F(1.0) - frac * (F(1.0) - t_mul))
+            i_restart = F(math.floor(num / _log(t_mul)))
             sum_r = (F(1.0) - _pow(t_mul, i_restart)) / (F(1.0) - t_mul)
             frac = (frac - sum_r) / _pow(t_mul, i_restart)
         m_fac = _pow(m_mul, i_restart)
-        cos = F(math.cos(float(F(math.pi) * frac)))
+        cos = _cos(F(math.pi) * frac)
         decayed_cos = F(0.5) * m_fac * (F(1.0) + cos)
         return init * ((F(1) - alpha) * decayed_cos + alpha)
 
