@@ -31,19 +31,21 @@ import types
 import numpy as np
 
 PACKET = {np.dtype(np.float32): 8, np.dtype(np.float64): 4}
+_h = float.fromhex
 
 
 def build(ops):
     """The algorithm for one set of element-wise operations.
 
-    `ops` supplies: jit (a decorator for every function here; None: plain Python), mul, add, sub, div (each one IEEE rounding), where(c, a, b), trunc, floor,
+    `ops` supplies: jit (a decorator for every function here; None: plain Python), lnot (logical
+    not), mul, add, sub, div (each one IEEE rounding), where(c, a, b), trunc, floor,
     frexp(x) -> (m in [0.5, 1) as float, e as float), ldexp2(b) -> 2.0 ** b for an integral float
     b in [-70, 70], signbit(x), isnan(x), F (the float type: np.float32 or np.float64) and is32.
     Returns a namespace with `pow(x, y)` (generic_pow) and its pieces.
     """
     mul, add, sub, div, where = ops.mul, ops.add, ops.sub, ops.div, ops.where
     trunc, floor, frexp, ldexp2, signbit, isnan = ops.trunc, ops.floor, ops.frexp, ops.ldexp2, ops.signbit, ops.isnan
-    F, is32 = ops.F, ops.is32
+    F, is32, lnot = ops.F, ops.is32, ops.lnot
     jit = getattr(ops, "jit", None) or (lambda f: f)
 
     @jit
@@ -227,13 +229,13 @@ def build(ops):
         abs_x = abs(x)
         abs_x_is_zero = abs_x == zero
         x_signbit = signbit(x)
-        x_is_neg = x_signbit & ~abs_x_is_zero
+        x_is_neg = x_signbit & lnot(abs_x_is_zero)
         x_is_neg_zero = x_signbit & abs_x_is_zero
         abs_x_is_inf = abs_x == inf
         abs_x_is_one = abs_x == one
         abs_x_gt_one = one < abs_x
         abs_x_lt_one = abs_x < one
-        x_is_one = abs_x_is_one & ~x_is_neg
+        x_is_one = abs_x_is_one & lnot(x_is_neg)
         x_is_neg_one = abs_x_is_one & x_is_neg
         x_is_nan = isnan(x)
         abs_y = abs(y)
@@ -241,30 +243,142 @@ def build(ops):
         abs_y_is_zero = abs_y == zero
         y_is_neg = y < zero
         y_is_nan = isnan(y)
-        y_is_pos = ~(abs_y_is_zero | y_is_neg)      # NaN y counts as positive, as in Eigen
+        y_is_pos = lnot(abs_y_is_zero | y_is_neg)      # NaN y counts as positive, as in Eigen
         abs_y_is_inf = abs_y == inf
         abs_y_is_huge = huge <= abs_y
         y_is_int = floor(y) == y
         y_div_2 = mul(y, F(0.5))
         y_is_even = pround(y_div_2) == y_div_2
-        invalid_neg_x = x_is_neg & ~abs_x_is_inf & ~y_is_int & ~abs_y_is_inf
+        invalid_neg_x = x_is_neg & lnot(abs_x_is_inf) & lnot(y_is_int) & lnot(abs_y_is_inf)
         is_nan = invalid_neg_x | x_is_nan | y_is_nan
-        is_one = x_is_one | abs_y_is_zero | (x_is_neg_one & (abs_y_is_inf | (y_is_even & ~invalid_neg_x)))
+        is_one = x_is_one | abs_y_is_zero | (x_is_neg_one & (abs_y_is_inf | (y_is_even & lnot(invalid_neg_x))))
         is_zero = ((abs_x_is_zero & y_is_pos) | (abs_x_is_inf & y_is_neg) | (abs_x_lt_one & abs_y_is_huge & y_is_pos)
                    | (abs_x_gt_one & abs_y_is_huge & y_is_neg))
         is_inf = ((abs_x_is_zero & y_is_neg) | (abs_x_is_inf & y_is_pos) | (abs_x_lt_one & abs_y_is_huge & y_is_neg)
                   | (abs_x_gt_one & abs_y_is_huge & y_is_pos))
-        is_neg_zero = (y_is_int & ~y_is_even) & ((y_is_neg & abs_x_is_inf & x_is_neg) | (y_is_pos & x_is_neg_zero))
-        inf_val = where(((abs_x_is_inf & x_is_neg) | (x_is_neg_zero & y_is_neg)) & y_is_int & ~y_is_even, -inf, inf)
-        negate = x_is_neg & ~y_is_even
+        is_neg_zero = (y_is_int & lnot(y_is_even)) & ((y_is_neg & abs_x_is_inf & x_is_neg) | (y_is_pos & x_is_neg_zero))
+        inf_val = where(((abs_x_is_inf & x_is_neg) | (x_is_neg_zero & y_is_neg)) & y_is_int & lnot(y_is_even), -inf, inf)
+        negate = x_is_neg & lnot(y_is_even)
         # lanes that are not finite and positive go through pow_impl with 1 (and are selected away)
-        ordinary = ~(abs_x_is_zero | abs_x_is_inf | x_is_nan | y_is_nan | abs_y_is_inf)
+        ordinary = lnot(abs_x_is_zero | abs_x_is_inf | x_is_nan | y_is_nan | abs_y_is_inf)
         p = pow_impl(where(ordinary, abs_x, one), where(ordinary, y, one))
         return where(y_is_one, x, where(is_one, one, where(is_nan, nan, where(is_inf, inf_val, where(
             is_neg_zero, -zero, where(is_zero, zero, where(negate, -p, p)))))))
 
+    if is32:
+        return types.SimpleNamespace(pow=gpow, pow_impl=pow_impl, accurate_log2=accurate_log2, exp2=exp2,
+                                     twoprod=twoprod, pround=pround, pldexp=pldexp)
+
+    # ---- the scalar path of float32: glibc's powf (2.28+, its FMA build, which every x86-64 CPU
+    # with AVX2 runs), restated. Doubles in, the double result before the final rounding out.
+    bits, fbits32, nextafter, idx = ops.bits, ops.fbits32, ops.nextafter, ops.idx
+    shift = F(_h("0x1.8p47"))                 # adding it rounds to a multiple of 1/32
+    overflow = F(_h("0x1.fffffffd1d571p+6"))  # log2 of the largest float32, rounded up
+
+    @jit
+    def knuth_twosum(a, b):     # a + b = s + e exactly, any magnitudes
+        s = add(a, b)
+        bb = sub(s, a)
+        return s, add(sub(a, sub(s, bb)), sub(b, bb))
+
+    @jit
+    def fma_emulated(a, b, c):  # a * b + c rounded once (Boldo & Melquiond: RN(th + RO(tl + ul)))
+        uh, ul = twoprod(a, b)
+        th, tl = knuth_twosum(c, uh)
+        v, ve = knuth_twosum(tl, ul)
+        even = (bits(v) & 1) == 0
+        v = where((ve != zero) & even, nextafter(v, where(ve > zero, inf, -inf)), v)
+        return add(th, v)
+
+    fma = getattr(ops, "fma", None) or fma_emulated   # an exact FMA of the ops' own, where they have one
+
+    @jit
+    def powf_log2(z, k):         # log2(z 2^k), z a float32 value in [0.69921875, 1.3984375)
+        i = ((fbits32(z) - 0x3f330000) >> 19) & 15
+        invc, logc = LOG2_INVC[i], LOG2_LOGC[i]
+        r = fma(z, invc, F(-1.0))
+        y0 = add(logc, k)
+        r2 = mul(r, r)
+        y = fma(F(LOG2_POLY[0]), r, F(LOG2_POLY[1]))
+        p = fma(F(LOG2_POLY[2]), r, F(LOG2_POLY[3]))
+        r4 = mul(r2, r2)
+        q = fma(F(LOG2_POLY[4]), r, y0)
+        q = fma(p, r2, q)
+        return fma(y, r4, q)
+
+    @jit
+    def powf_exp2(xd):           # 2^xd, |xd| < 150
+        kd = sub(add(xd, shift), shift)        # xd rounded to a multiple of 1/32
+        r = sub(xd, kd)
+        k = mul(kd, F(32.0))
+        j = sub(k, mul(floor(mul(k, F(1.0 / 32))), F(32.0)))
+        s = mul(EXP2_TAB[idx(j)], ldexp2(mul(sub(k, j), F(1.0 / 32))))
+        z = fma(F(EXP2_POLY[0]), r, F(EXP2_POLY[1]))
+        r2 = mul(r, r)
+        y = fma(F(EXP2_POLY[2]), r, F(1.0))
+        y = fma(z, r2, y)
+        return mul(y, s)
+
+    @jit
+    def powf(x, y):
+        """glibc powf(x, y) for float32 values x > 0 (normal) and y, as a double before rounding."""
+        m, e = frexp(x)
+        z = mul(m, F(2.0))
+        k = sub(e, F(1.0))
+        big = z >= F(1.3984375)
+        z = where(big, mul(z, F(0.5)), z)
+        k = where(big, add(k, F(1.0)), k)
+        ylogx = mul(y, powf_log2(z, k))
+        over = ylogx > overflow
+        under = ylogx <= F(-150.0)
+        ok = lnot(over | under)
+        out = powf_exp2(where(ok, ylogx, zero))
+        return where(over, inf, where(under, zero, out))
+
+    @jit
+    def scalar_powf(x, y):
+        """powf(x, y) for any float32 values x, y held in doubles: the double before rounding."""
+        y_int = floor(y) == y
+        ordinary = (x != zero) & (abs(x) < inf) & (abs(y) < inf) & (y != zero) & (abs(x) != one) & (
+            (x > zero) | y_int)
+        p = powf(where(ordinary, abs(x), F(2.0)), where(ordinary, y, one))
+        odd = y_int & (floor(mul(y, F(0.5))) != mul(y, F(0.5)))
+        return where(ordinary, where((x < zero) & odd, -p, p), gpow(x, y))   # gpow: IEEE's special values
+
     return types.SimpleNamespace(pow=gpow, pow_impl=pow_impl, accurate_log2=accurate_log2, exp2=exp2,
-                                 twoprod=twoprod, pround=pround, pldexp=pldexp)
+                                 twoprod=twoprod, pround=pround, pldexp=pldexp, fma=fma, powf=powf,
+                                 scalar_powf=scalar_powf)
+
+
+# glibc powf's log2 table (16 subintervals of [0.69921875, 1.3984375): 1/c and log2(c) for each
+# subinterval's c) and its two polynomials: numbers its results depend on, not code.
+LOG2_INVC = np.array([_h(v) for v in (
+    "0x1.661ec79f8f3bep+0", "0x1.571ed4aaf883dp+0", "0x1.49539f0f010bp+0", "0x1.3c995b0b80385p+0",
+    "0x1.30d190c8864a5p+0", "0x1.25e227b0b8eap+0", "0x1.1bb4a4a1a343fp+0", "0x1.12358f08ae5bap+0",
+    "0x1.0953f419900a7p+0", "0x1p+0", "0x1.e608cfd9a47acp-1", "0x1.ca4b31f026aap-1",
+    "0x1.b2036576afce6p-1", "0x1.9c2d163a1aa2dp-1", "0x1.886e6037841edp-1", "0x1.767dcf5534862p-1",
+)])
+LOG2_LOGC = np.array([_h(v) for v in (
+    "-0x1.efec65b963019p-2", "-0x1.b0b6832d4fca4p-2", "-0x1.7418b0a1fb77bp-2", "-0x1.39de91a6dcf7bp-2",
+    "-0x1.01d9bf3f2b631p-2", "-0x1.97c1d1b3b7afp-3", "-0x1.2f9e393af3c9fp-3", "-0x1.960cbbf788d5cp-4",
+    "-0x1.a6f9db6475fcep-5", "0x0p+0", "0x1.338ca9f24f53dp-4", "0x1.476a9543891bap-3",
+    "0x1.e840b4ac4e4d2p-3", "0x1.40645f0c6651cp-2", "0x1.88e9c2c1b9ff8p-2", "0x1.ce0a44eb17bccp-2",
+)])
+LOG2_POLY = tuple(_h(v) for v in (
+    "0x1.27616c9496e0bp-2", "-0x1.71969a075c67ap-2", "0x1.ec70a6ca7baddp-2",
+    "-0x1.7154748bef6c8p-1", "0x1.71547652ab82bp0",
+))
+EXP2_POLY = tuple(_h(v) for v in ("0x1.c6af84b912394p-5", "0x1.ebfce50fac4f3p-3", "0x1.62e42ff0c52d6p-1"))
+
+
+def _exp2_table():
+    """2^(j/32) correctly rounded to double, j = 0..31 (glibc's exp2f table holds the same)."""
+    import decimal
+    ctx = decimal.Context(prec=50)
+    return np.array([float(ctx.power(decimal.Decimal(2), ctx.divide(j, 32))) for j in range(32)])
+
+
+EXP2_TAB = _exp2_table()
 
 
 def _numpy_ops(dtype):
@@ -278,11 +392,59 @@ def _numpy_ops(dtype):
     def ldexp2(b):
         return np.ldexp(F(1.0), b.astype(itype)).astype(F, copy=False)
 
+    def bits(x):
+        return np.asarray(x).view(np.int64 if F is np.float64 else np.int32)
+
+    def fbits32(x):
+        return np.asarray(x).astype(np.float32).view(np.int32).astype(np.int64)
+
     return types.SimpleNamespace(
         mul=np.multiply, add=np.add, sub=np.subtract, div=np.divide, where=np.where, trunc=np.trunc,
         floor=np.floor, frexp=frexp, ldexp2=ldexp2, signbit=np.signbit, isnan=np.isnan, F=F,
-        is32=F is np.float32)
+        is32=F is np.float32, bits=bits, fbits32=fbits32, nextafter=np.nextafter, lnot=np.logical_not,
+        idx=lambda v: np.asarray(v).astype(np.int64))
 
+
+def _python_fma(a, b, c):
+    """a * b + c rounded once, in integers: the exact sum, then one correctly rounded conversion."""
+    import math
+    if not (a and b and c and math.isfinite(a) and math.isfinite(b) and math.isfinite(c)):
+        return a * b + c
+    ma, ea = math.frexp(a)
+    mb, eb = math.frexp(b)
+    mc, ec = math.frexp(c)
+    ia, ib, ic = int(ma * 9007199254740992.0), int(mb * 9007199254740992.0), int(mc * 9007199254740992.0)
+    ep, ec = ea + eb - 106, ec - 53           # a * b = ia * ib * 2^ep, c = ic * 2^ec, exactly
+    e = min(ep, ec)
+    n = (ia * ib << (ep - e)) + (ic << (ec - e))
+    if n == 0:
+        return 0.0
+    mag = abs(n)
+    shift = max(mag.bit_length() - 64, 0)    # keep 64 bits and a sticky bit, then round once
+    top = mag >> shift
+    if mag & ((1 << shift) - 1):
+        top |= 1
+    return math.ldexp(float(top) if n > 0 else -float(top), e + shift)
+
+
+def _python_ops():
+    """Python floats (IEEE doubles, never contracted): the host's one-value path."""
+    import math
+    import struct
+
+    return types.SimpleNamespace(
+        mul=lambda a, b: a * b, add=lambda a, b: a + b, sub=lambda a, b: a - b, div=lambda a, b: a / b,
+        where=lambda c, a, b: a if c else b, trunc=lambda v: float(math.trunc(v)),
+        floor=lambda v: float(math.floor(v)), frexp=lambda v: (lambda m, e: (m, float(e)))(*math.frexp(v)),
+        ldexp2=lambda b: math.ldexp(1.0, int(b)), signbit=lambda v: math.copysign(1.0, v) < 0.0,
+        isnan=math.isnan, F=float, is32=False, lnot=lambda c: not c,
+        bits=lambda v: struct.unpack("<q", struct.pack("<d", v))[0],
+        fbits32=lambda v: struct.unpack("<i", struct.pack("<f", v))[0],
+        nextafter=math.nextafter, idx=int, fma=_python_fma)
+
+
+#: the algorithms on Python floats, for values computed one at a time on the host
+PYTHON = None
 
 _NUMPY = {}
 
@@ -303,20 +465,29 @@ def _arrays(x, y):
     return np.broadcast_to(x, shape), np.broadcast_to(y, shape)
 
 
+def _flush(a):
+    """TF's CPU threads run with FTZ and DAZ: subnormal inputs read as 0, subnormal results are 0."""
+    tiny = np.finfo(a.dtype).tiny
+    return np.where(np.abs(a) < tiny, np.copysign(a.dtype.type(0), a), a)
+
+
 def packet_pow(x, y):
     """Eigen's vectorised generic_pow on every element (TF 2.15's packet path)."""
     x, y = _arrays(x, y)
     with np.errstate(all="ignore"):
-        out = _numpy(x.dtype).pow(x, y)
-    return np.asarray(out, dtype=x.dtype)
+        out = _numpy(x.dtype).pow(_flush(x), _flush(y))
+        return _flush(np.asarray(out, dtype=x.dtype))
 
 
 def scalar_pow(x, y):
-    """std::pow as the reference's libm gives it: float32 through float64 generic_pow, rounded once."""
+    """std::pow on the reference's 0-d and tail elements: glibc's powf (restated, bit for bit) for
+    float32; for float64 Eigen's generic_pow, within an ulp of glibc's pow."""
     x, y = _arrays(x, y)
-    if x.dtype == np.float32:
-        return packet_pow(x.astype(np.float64), y.astype(np.float64)).astype(np.float32)
-    return packet_pow(x, y)
+    if x.dtype == np.float64:
+        return packet_pow(x, y)
+    with np.errstate(all="ignore"):
+        p = _numpy(np.float64).scalar_powf(_flush(x).astype(np.float64), _flush(y).astype(np.float64))
+        return _flush(np.asarray(p).astype(np.float32))
 
 
 def eigen_layout_pow(x, y, row: int | None = None):
@@ -337,3 +508,6 @@ def eigen_layout_pow(x, y, row: int | None = None):
         xs, ys = x.reshape(-1)[pos], y.reshape(-1)[pos]
         flat[pos] = scalar_pow(xs, ys)
     return out
+
+
+PYTHON = build(_python_ops())

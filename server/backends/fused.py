@@ -76,6 +76,7 @@ __all__ = [
     "rmsprop",
     "gather_rows",
     "replica_sum",
+    "pow_runs",
     "warmup",
     "PARALLEL_MIN_ROWS",
 ]
@@ -385,8 +386,8 @@ def _momentum_parallel(var, accum, uniq, summed, lr, momentum, nesterov, nth):
 
 # --------------------------------------------------------------------------------------------
 # x ** y as TF 2.15's CPU kernels compute it (server/eigen_pow.py, built here from its one source
-# with numba's scalar operations): Eigen's packet pow on the full packets of a row, libm's (the
-# scalar path, float32 through float64) on the row's tail. Not cached on their own: the kernels
+# with numba's scalar operations): Eigen's packet pow on the full packets of a row, glibc's powf
+# (restated) on the row's tail. Not cached on their own: the kernels
 # that call them are, and embed them (after editing eigen_pow.py, touch this file).
 # --------------------------------------------------------------------------------------------
 @numba.njit(**_JIT_NOCACHE)
@@ -424,6 +425,11 @@ def _nb_isnan(x):
     return x != x
 
 
+@numba.njit(**_JIT_NOCACHE)
+def _nb_lnot(c):
+    return not c
+
+
 def _nb_ops(F):
     @numba.njit(**_JIT_NOCACHE)
     def trunc(x):
@@ -444,11 +450,44 @@ def _nb_ops(F):
 
     return types_ns(jit=numba.njit(**_JIT_NOCACHE), mul=_nb_mul, add=_nb_add, sub=_nb_sub, div=_nb_div,
                     where=_nb_where, trunc=trunc, floor=floor, frexp=frexp, ldexp2=ldexp2,
-                    signbit=_nb_signbit, isnan=_nb_isnan, F=F, is32=F is np.float32)
+                    signbit=_nb_signbit, isnan=_nb_isnan, F=F, is32=F is np.float32, bits=_nb_bits64,
+                    fbits32=_nb_fbits32, nextafter=_nb_nextafter, idx=_nb_idx, lnot=_nb_lnot)
+
+
+@numba.njit(**_JIT_NOCACHE)
+def _nb_bits64(x):
+    a = np.empty(1, np.float64)
+    a[0] = x
+    return a.view(np.int64)[0]
+
+
+@numba.njit(**_JIT_NOCACHE)
+def _nb_fbits32(x):
+    a = np.empty(1, np.float32)
+    a[0] = x
+    return np.int64(a.view(np.int32)[0])
+
+
+@numba.njit(**_JIT_NOCACHE)
+def _nb_nextafter(x, toward):
+    return np.nextafter(x, toward)
+
+
+@numba.njit(**_JIT_NOCACHE)
+def _nb_idx(x):
+    return int(x)
+
+
+@numba.njit(**_JIT_NOCACHE)
+def _nb_flush(x, tiny):
+    """TF's CPU threads run with FTZ and DAZ (see eigen_pow._flush)."""
+    return x * (tiny - tiny) if abs(x) < tiny else x   # a signed zero of x's own type
 
 
 _pow32 = _eigen_pow.build(_nb_ops(np.float32)).pow
-_pow64 = _eigen_pow.build(_nb_ops(np.float64)).pow
+_EIGEN64 = _eigen_pow.build(_nb_ops(np.float64))
+_pow64, _powf = _EIGEN64.pow, _EIGEN64.scalar_powf
+_TINY32, _TINY64 = np.float32(np.finfo(np.float32).tiny), np.finfo(np.float64).tiny
 
 
 def _tf_pow(x, y, packet):
@@ -459,14 +498,38 @@ def _tf_pow(x, y, packet):
 def _tf_pow_impl(x, y, packet):
     if x == types.float32:
         def pow32(x, y, packet):
+            x, y = _nb_flush(x, _TINY32), _nb_flush(y, _TINY32)
             if packet:
-                return _pow32(x, y)
-            return np.float32(_pow64(np.float64(x), np.float64(y)))
+                return _nb_flush(_pow32(x, y), _TINY32)
+            return _nb_flush(np.float32(_powf(np.float64(x), np.float64(y))), _TINY32)
         return pow32
 
     def pow64(x, y, packet):
-        return _pow64(x, y)
+        return _nb_flush(_pow64(_nb_flush(x, _TINY64), _nb_flush(y, _TINY64)), _TINY64)
     return pow64
+
+
+@numba.njit(**_JIT)
+def _pow_runs_kernel(x, y, out, run):
+    packet_end = run - run % (8 if x.itemsize == 4 else 4)
+    for i in range(x.shape[0]):
+        out[i] = _tf_pow(x[i], y[i], i % run < packet_end)
+
+
+def pow_runs(x, y, run=None):
+    """x ** y (y broadcast to x) as the reference evaluates it over runs of `run` elements in C
+    order (None: one run): the packet path on each run's full packets, the scalar path on its tail.
+    The kernels' own pow, bit for bit server/eigen_pow.eigen_layout_pow."""
+    x = np.asarray(x)
+    if x.dtype not in _FLOATS:
+        raise TypeError(f"pow_runs: float32 or float64 only, got {x.dtype}")
+    y = np.array(np.broadcast_to(np.asarray(y, x.dtype), x.shape)).reshape(-1)
+    flat = np.array(x, order="C").reshape(-1)   # a writable copy: one compiled specialisation
+    out = np.empty_like(flat)
+    run = flat.shape[0] if run is None else int(run)
+    if flat.shape[0]:
+        _pow_runs_kernel(flat, y, out, max(run, 1))
+    return out.reshape(x.shape)
 
 
 # Adagrad, Ftrl, RMSprop (Keras legacy sparse kernels) on raw ids: one driver, one row loop each
@@ -999,6 +1062,7 @@ def warmup(dtypes=(np.float32, np.float64)):
             ("gather_serial", _gather_serial, (var, ids, np.empty((4, dim), dt))),
             ("gather_parallel", _gather_parallel, (var, ids, np.empty((4, dim), dt))),
             ("replica_sum", _replica_sum_kernel, (ids, g, np.array([0, 0, 1, 1], np.int32), True)),
+            ("pow_runs", _pow_runs_kernel, (g[0], g[0], np.empty_like(g[0]), 3)),
             ("keras_serial", _keras_serial, (FTRL, 3, var, m, v, var, ids, g, np.ones(6, dt))),
             ("keras_parallel", _keras_parallel, (FTRL, 3, var, m, v, var, ids, g, np.ones(6, dt), 2)),
         ):

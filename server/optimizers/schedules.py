@@ -17,6 +17,7 @@ from . import scalar_math
 from .config_values import as_bool, as_float
 
 F = np.float32
+_TINY = F(np.finfo(np.float32).tiny)
 
 
 def _f(x):
@@ -52,6 +53,12 @@ class Schedule:
             value = config.get(key, default)
             self.cfg[key] = parse(f"{where}.{key}", value) if value is not None else None
 
+    def __call__(self, step):
+        """The float32 value at the 0-based `step`, a subnormal flushed to zero as the reference's
+        threads (FTZ) flush it."""
+        v = F(self.value(step))
+        return F(0.0) * v if abs(v) < _TINY else v
+
 
 REQUIRED = object()
 
@@ -71,7 +78,7 @@ class ExponentialDecay(Schedule):
     keys = {"initial_learning_rate": (REQUIRED, _float), "decay_steps": (REQUIRED, _float),
             "decay_rate": (REQUIRED, _float), "staircase": (False, as_bool)}
 
-    def __call__(self, step):
+    def value(self, step):
         c = self.cfg
         p = _f(step) / _f(c["decay_steps"])
         if c["staircase"]:
@@ -83,7 +90,7 @@ class InverseTimeDecay(Schedule):
     class_name = "InverseTimeDecay"
     keys = ExponentialDecay.keys
 
-    def __call__(self, step):
+    def value(self, step):
         c = self.cfg
         p = _f(step) / _f(c["decay_steps"])
         if c["staircase"]:
@@ -100,7 +107,7 @@ class PiecewiseConstantDecay(Schedule):
         if len(self.cfg["values"]) != len(self.cfg["boundaries"]) + 1:
             raise InvalidArgument(f"{where}: PiecewiseConstantDecay needs one more value than boundaries")
 
-    def __call__(self, step):
+    def value(self, step):
         b, v = self.cfg["boundaries"], self.cfg["values"]
         for i, bound in enumerate(b):
             if step <= bound:
@@ -113,7 +120,7 @@ class PolynomialDecay(Schedule):
     keys = {"initial_learning_rate": (REQUIRED, _float), "decay_steps": (REQUIRED, _float),
             "end_learning_rate": (0.0001, _float), "power": (1.0, _float), "cycle": (False, as_bool)}
 
-    def __call__(self, step):
+    def value(self, step):
         c = self.cfg
         init, end, pw = _f(c["initial_learning_rate"]), _f(c["end_learning_rate"]), _f(c["power"])
         s, ds = _f(step), _f(c["decay_steps"])
@@ -138,7 +145,7 @@ class CosineDecay(Schedule):
         alpha = self.cfg["alpha"]
         return from_lr * (F(1 - alpha) * decayed_cos + F(alpha))
 
-    def __call__(self, step):
+    def value(self, step):
         c = self.cfg
         init, ds, s = _f(c["initial_learning_rate"]), _f(c["decay_steps"]), _f(step)
         if c["warmup_target"] is None:
@@ -155,7 +162,7 @@ class CosineDecayRestarts(Schedule):
     keys = {"initial_learning_rate": (REQUIRED, _float), "first_decay_steps": (REQUIRED, _float),
             "t_mul": (2.0, _float), "m_mul": (1.0, _float), "alpha": (0.0, _float)}
 
-    def __call__(self, step):
+    def value(self, step):
         c = self.cfg
         init, fds = _f(c["initial_learning_rate"]), _f(c["first_decay_steps"])
         alpha, t_mul, m_mul = _f(c["alpha"]), _f(c["t_mul"]), _f(c["m_mul"])
