@@ -1,28 +1,30 @@
 """x ** y exactly as TensorFlow 2.15's CPU kernels compute it, in plain IEEE operations.
 
-Plain module: numpy only (numba and numba.cuda build their own copies from the same source).
+Plain module: numpy only (numba builds its own copy from the same source, server/backends/fused.py).
 
 Why. The reference evaluates `pow` two ways inside one tensor expression: Eigen's vectorised
 `generic_pow` (Eigen/src/Core/arch/Default/GenericPacketMathFunctions.h, as the TF 2.15 pip wheel
-compiles it: AVX packets of 8 floats / 4 doubles, no FMA) on every full packet, and `std::pow`
-(libm) on the elements after the last full packet. The two differ by an ulp in a few percent of
-float32 cases, and Ftrl's `(clip(linear) - linear) / (pow(new) / lr + 2 l2)` magnifies that into
-tens of ulp. numpy's `np.power`, numba's `x ** y` and libm itself change with the CPU's SIMD
-dispatch (AVX2 vs AVX-512), so none of them can stand in for either path.
+compiles it: AVX packets of 8 floats / 4 doubles, no FMA) on every full packet, and `std::pow` --
+glibc's `powf` -- on the elements after the last full packet and on 0-d tensors (beta ** t), all
+in threads that flush subnormals to zero. The two differ by an ulp in a few percent of float32
+cases, and Ftrl's `(clip(linear) - linear) / (pow(new) / lr + 2 l2)` magnifies that into tens of
+ulp. numpy's `np.power`, numba's `x ** y` and libm itself change with the CPU's SIMD dispatch
+(AVX2 vs AVX-512), so none of them can stand in for either path.
 
-What. `build(ops)` is one transcription of `generic_pow` written against a handful of
-element-wise operations (`ops`): numpy ufuncs on arrays here, numba scalars in the fused CPU
-kernels, libdevice's explicitly rounded intrinsics in the CUDA kernels. Every product and sum is
-its own IEEE operation (Dekker's product and Veltkamp's split where Eigen uses them without FMA),
-so the bits depend on nothing but IEEE 754. The scalar path (`std::pow`) is glibc's nearly
-correctly rounded pow; it is reproduced by evaluating the same algorithm in float64 and rounding
-once to float32 (correct rounding unless x ** y lies within 2^-29 ulp of a float32 midpoint;
-for float64 tails `generic_pow` itself, within 1 ulp of libm).
+What. `build(ops)` is one transcription of `generic_pow`, and a restatement of glibc's powf (its
+FMA build, which every x86-64 CPU with AVX2 runs: its log2 and exp2 tables, polynomials and fused
+multiply-adds), written against a handful of element-wise operations (`ops`): numpy ufuncs on
+arrays, numba scalars in the fused CPU kernels, Python floats for single values on the host.
+Every product and sum is its own IEEE operation (Dekker's product and Veltkamp's split where Eigen
+uses them without FMA; an exactly rounded FMA -- Boldo & Melquiond's emulation, or exact integers
+-- where glibc fuses), so the bits depend on nothing but IEEE 754. float64 tails use
+`generic_pow` too: within 1 ulp of glibc's pow.
 
 `eigen_layout_pow(x, y, row)` evaluates an array laid out as the reference's evaluator does: in
 each run of `row` elements (a whole tensor for the dense kernels, one row for the sparse
-kernels' per-row chips), the first `row - row % P` elements take the packet path, the rest
-the scalar path (P = 8 for float32, 4 for float64).
+kernels' per-row chips, 1 for a scalar loop), the first `row - row % P` elements take the packet
+path, the rest the scalar path (P = 8 for float32, 4 for float64). Checked bit for bit against
+TF 2.15's own values by tests/test_same_numbers.py.
 """
 from __future__ import annotations
 
@@ -40,8 +42,11 @@ def build(ops):
     `ops` supplies: jit (a decorator for every function here; None: plain Python), lnot (logical
     not), mul, add, sub, div (each one IEEE rounding), where(c, a, b), trunc, floor,
     frexp(x) -> (m in [0.5, 1) as float, e as float), ldexp2(b) -> 2.0 ** b for an integral float
-    b in [-70, 70], signbit(x), isnan(x), F (the float type: np.float32 or np.float64) and is32.
-    Returns a namespace with `pow(x, y)` (generic_pow) and its pieces.
+    b in [-150, 150], signbit(x), isnan(x), F (the float type: np.float32 or np.float64) and is32;
+    for the float64 build also bits(x) (the int64 pattern), fbits32(x) (the float32 pattern of a
+    float32 value), nextafter, idx (a float index to int) and optionally fma (exact, else emulated).
+    Returns a namespace with `pow(x, y)` (generic_pow), for float64 also `scalar_powf(x, y)`
+    (glibc's powf on float32 values held in doubles, before the final rounding), and the pieces.
     """
     mul, add, sub, div, where = ops.mul, ops.add, ops.sub, ops.div, ops.where
     trunc, floor, frexp, ldexp2, signbit, isnan = ops.trunc, ops.floor, ops.frexp, ops.ldexp2, ops.signbit, ops.isnan

@@ -32,7 +32,7 @@ SCHEDULES = {
 
 
 def pow_inputs(dtype) -> np.ndarray:
-    """~1 M positive inputs spread over [1e-6, 1e6] (float32: every 331st bit pattern; float64: the
+    """~1 M inputs, positive ones spread over [1e-6, 1e6] (float32: every 331st bit pattern; float64: the
     float32 set with low bits filled in), plus edge values; a multiple of 8 long."""
     lo, hi = np.float32(1e-6).view(np.int32), np.float32(1e6).view(np.int32)
     x = np.arange(lo, hi, 331, dtype=np.int32).view(np.float32)

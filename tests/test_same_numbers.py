@@ -1,5 +1,5 @@
 """The same numbers on every machine: each backend's transcendentals against the reference's own
-function values (tests/golden/functions_tf215.npz, recorded with TF 2.15 by
+function values (tests/golden/functions/tf215.npz, recorded with TF 2.15 by
 tools/golden/functions.py), bit for bit.
 
 The reference's values do not depend on the CPU (TF's pip wheel is built for AVX without FMA,
@@ -17,7 +17,7 @@ from golden import GOLDEN
 from sparseps.server import backends, eigen_pow
 from sparseps.server.optimizers import scalar_math, schedules
 
-TABLE = np.load(GOLDEN / "functions_tf215.npz")
+TABLE = np.load(GOLDEN / "functions" / "tf215.npz")
 DTYPES = (np.float32, np.float64)
 
 

@@ -8,6 +8,29 @@ CUDA device; the CUDA simulator never counts as one).
 """
 
 
+def gpu_present(proc: str = "/proc") -> bool:
+    """Whether this machine shows an NVIDIA GPU to this process, asked without TensorFlow (whose
+    import costs seconds and ~700 MB only to answer no): CUDA_VISIBLE_DEVICES hiding every device,
+    then the driver's /proc entries, then `nvidia-smi -L`."""
+    import os
+    import shutil
+    import subprocess
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1", "none", "NoDevFiles"):
+        return False
+    gpus = os.path.join(proc, "driver", "nvidia", "gpus")
+    if os.path.isdir(gpus) and os.listdir(gpus):
+        return True
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return False
+    try:
+        out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return out.returncode == 0 and "GPU" in out.stdout
+
+
 def _cuda_visible() -> bool:
     try:
         from numba import cuda
@@ -17,23 +40,30 @@ def _cuda_visible() -> bool:
         return False
 
 
+def _importable(module: str) -> bool:
+    import importlib.util
+    return importlib.util.find_spec(module) is not None
+
+
+def resolve(name: str = "auto") -> str:
+    """The backend `auto` stands for here: cuda on a GPU that numba's CUDA target can drive,
+    else tensorflow on a GPU; on a machine without one, numba (or numpy), and TensorFlow is never
+    imported to find that out (`--backend tensorflow` still runs it on the CPU, one flag away)."""
+    if name != "auto":
+        return name
+    if gpu_present():
+        if _cuda_visible():
+            return "cuda"
+        if _importable("tensorflow"):
+            import tensorflow as tf
+            if tf.config.list_physical_devices("GPU"):
+                return "tensorflow"
+    return "numba" if _importable("numba") else "numpy"
+
+
 def create(name: str = "auto", device: str | None = None, device_memory_budget: int | None = None):
     """device_memory_budget: bytes of device memory the cuda backend may hold (None: its default)."""
-    if name == "auto" and _cuda_visible():
-        name = "cuda"
-    if name == "auto":
-        try:
-            import tensorflow as tf  # noqa: F401  (only to ask for a GPU)
-            if tf.config.list_physical_devices("GPU"):
-                name = "tensorflow"
-        except ImportError:
-            pass
-        if name == "auto":
-            try:
-                import numba  # noqa: F401
-                name = "numba"
-            except ImportError:
-                name = "numpy"
+    name = resolve(name)
     if name == "numpy":
         from .numpy_backend import NumpyBackend
         return NumpyBackend()

@@ -1,4 +1,4 @@
-"""Record the reference's own function values (TF 2.15 CPU): tests/golden/functions_tf215.npz.
+"""Record the reference's own function values (TF 2.15 CPU): tests/golden/functions/tf215.npz.
 
 Run in .venv-golden (tensorflow-cpu 2.15.1):  .venv-golden/bin/python tools/golden/functions.py
 
@@ -23,7 +23,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "..", "tests"))
 from function_inputs import BETAS, EXPONENTS, SCHEDULES, SCHEDULE_STEPS, pow_inputs  # noqa: E402
 
-OUT = os.path.join(HERE, "..", "..", "tests", "golden", "functions_tf215.npz")
+OUT = os.path.join(HERE, "..", "..", "tests", "golden", "functions", "tf215.npz")
 KEEP = 4096
 
 
