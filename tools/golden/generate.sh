@@ -16,6 +16,9 @@ HERE=tools/golden
 echo "== TF 2.15.1 / Keras 2.15 / tfa 0.23.0 trajectories"
 .venv-golden/bin/python "$HERE/generate.py"
 
+echo "== TF 2.15 function values (pow, beta powers, schedules): tests/golden/functions/tf215.npz"
+.venv-golden/bin/python "$HERE/functions.py"
+
 echo "== Keras 2.15 model parity golden (matrix factorisation + LazyAdam)"
 .venv-golden/bin/python "$HERE/keras_mf.py"
 
