@@ -18,6 +18,7 @@ import numpy as np
 
 from sparseps.errors import InvalidArgument
 
+from . import torch_base as tb
 from .config_values import as_float
 from .torch_base import TorchOptimizer, coalesce, dtype_of, fma
 
@@ -53,5 +54,5 @@ class TorchAdagrad(TorchOptimizer):
             return
         acc = bk.to_numpy(slots["sum"], ids) + g * g
         bk.scatter_update(slots["sum"], ids, acc)
-        std = np.sqrt(acc) + T(c["eps"])
+        std = tb.sqrt(acc) + T(c["eps"])
         bk.scatter_update(var, ids, fma(T(-c["clr"]), g / std, bk.to_numpy(var, ids)))

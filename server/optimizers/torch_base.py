@@ -44,6 +44,12 @@ RADIX_SORT_FROM = 32768
 _INSERTION_THRESHOLD = 16   # libstdc++ _S_threshold
 
 
+def sqrt(x):
+    """The correctly rounded IEEE square root (the one place torch's MKL result may differ by 1 ulp;
+    tests substitute torch's own sqrt here to show that everything else is bit-exact)."""
+    return np.sqrt(x)
+
+
 def dtype_of(var) -> np.dtype:
     dt = var.dtype
     return np.dtype(getattr(dt, "as_numpy_dtype", dt))

@@ -24,6 +24,7 @@ import numpy as np
 
 from sparseps.errors import InvalidArgument
 
+from . import torch_base as tb
 from .config_values import as_float
 from .torch_base import TorchOptimizer, coalesce, dtype_of
 
@@ -68,6 +69,6 @@ class TorchSparseAdam(TorchOptimizer):
         dv = (g * g - v_old) * T(c["one_minus_b2"])
         bk.scatter_update(slots["exp_avg"], ids, m_old + dm)
         bk.scatter_update(slots["exp_avg_sq"], ids, v_old + dv)
-        denom = np.sqrt(dv + v_old) + T(c["eps"])
+        denom = tb.sqrt(dv + v_old) + T(c["eps"])
         update = T(-c["step_size"]) * ((dm + m_old) / denom)
         bk.scatter_update(var, ids, bk.to_numpy(var, ids) + update)
