@@ -257,6 +257,26 @@ def test_bad_input_is_refused_and_changes_nothing(numba_client, unique):
 
 
 def test_import_sparseps_does_not_import_torch():
-    code = "import sys, sparseps, sparseps.keras.hashing if False else None" if False else \
-        "import sys, sparseps; assert 'torch' not in sys.modules, 'torch imported'"
-    subprocess.run([sys.executable, "-c", code], check=True)
+    code = "import sys, sparseps, sparseps.server.state; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+def test_two_workers_share_a_table(numba_client, unique):
+    """A second worker's module of the same name takes the table the first created (the default
+    initializer's seed comes from the name); its steps and the first's go to one server optimizer."""
+    w1 = spt.Embedding(N, D, client=numba_client, name=f"{unique}_shared")
+    opt1 = spt.SparseAdam(w1.parameters(), lr=0.01)
+    other = sparseps.connect(numba_client.addresses)
+    try:
+        w2 = spt.Embedding(N, D, client=other, name=f"{unique}_shared")
+        opt2 = spt.SparseAdam(w2.parameters(), lr=0.01)
+        for w, o in ((w1, opt1), (w2, opt2)):
+            o.zero_grad()
+            w(torch.tensor([1, 2])).sum().backward()
+            o.step()
+        assert opt1.state_dict()["sparseps"]["iterations"] == {f"{unique}_shared.TorchSparseAdam": 2}
+        with pytest.raises(sparseps.AlreadyExists):   # the same name with another shape
+            spt.SGD(spt.Embedding(N + 1, D, client=other, name=f"{unique}_shared").parameters(), lr=0.1)
+    finally:
+        other.close()

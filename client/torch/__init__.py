@@ -17,7 +17,7 @@ step pushes nothing and does not count it). Imported only on demand: `import spa
 torch.
 """
 import math
-import weakref
+import zlib
 
 import numpy as np
 import torch
@@ -32,9 +32,16 @@ _DTYPES = {torch.float32: "float32", torch.float64: "float64"}
 _INT_IDS = (torch.int64, torch.int32)
 
 
-def _default_initializer():
-    """nn.Embedding's default: N(0, 1)."""
-    return {"class_name": "RandomNormal", "config": {"mean": 0.0, "stddev": 1.0}}
+def _initializer(initializer, name):
+    """A Keras initializer config; nn.Embedding's N(0, 1) by default. Without a seed, one derived from
+    the table's name, so that every worker asks for the same table."""
+    init = initializer or {"class_name": "RandomNormal", "config": {"mean": 0.0, "stddev": 1.0}}
+    if isinstance(init, str):
+        init = {"class_name": init, "config": {}}
+    init = {**init, "config": dict(init.get("config") or {})}
+    if init["class_name"] not in ("Zeros", "Ones", "Constant", "zeros", "ones"):
+        init["config"].setdefault("seed", zlib.crc32(name.encode()) & 0x7FFFFFFF)
+    return init
 
 
 class _Table(nn.Module):
@@ -55,7 +62,7 @@ class _Table(nn.Module):
         self._lookups = []   # (unique keys, leaf rows) of every forward since zero_grad()
         # Zero-size: carries the module into optimizer param groups (the rows live on the cluster).
         self.table = nn.Parameter(torch.empty(0, dtype=dtype))
-        self.table._sparseps_table = weakref.ref(self)
+        self.table._sparseps_table = self   # (a cycle the garbage collector handles)
         try:   # a table another worker (or an earlier run) already created: use it as it is
             self._variable = client.variable(name)
         except errors.NotFound:
@@ -63,13 +70,25 @@ class _Table(nn.Module):
 
     # -- the variable
     def _create(self, optimizer: str):
-        """Create (or find, if identical) the variable with its optimizer; called by the optimizer."""
+        """Create the variable with its optimizer (called by the optimizer), or take the one another
+        worker created: its shape, dtype and optimizer must be these."""
         kw = dict(self._spec, optimizer=optimizer, dtype=_DTYPES[self.dtype])
-        if self.dynamic:
-            self._variable = self.client.create_variable(self.name, dim=self.embedding_dim, dynamic=True, **kw)
-        else:
-            self._variable = self.client.create_variable(self.name, **kw)
-        placed = self._variable.optimizer
+        if self._variable is None:
+            try:
+                if self.dynamic:
+                    self._variable = self.client.create_variable(self.name, dim=self.embedding_dim, dynamic=True,
+                                                                 **kw)
+                else:
+                    self._variable = self.client.create_variable(self.name, **kw)
+            except errors.AlreadyExists:   # another worker was first
+                self._variable = self.client.variable(self.name)
+        var = self._variable
+        want = (self.embedding_dim,) if self.dynamic else (self.num_embeddings, self.embedding_dim)
+        if var.dynamic != self.dynamic or tuple(var.shape[-len(want):]) != want or \
+                var.dtype != np.dtype(_DTYPES[self.dtype]):
+            raise errors.AlreadyExists(f"sparseps.torch: table {self.name!r} exists on the cluster as {var!r}, not as "
+                                       f"this {type(self).__name__}")
+        placed = var.optimizer
         if placed is None or placed.name != optimizer:
             raise errors.AlreadyExists(f"sparseps.torch: table {self.name!r} exists on the cluster with optimizer "
                                        f"{placed.name if placed else None!r}, not {optimizer!r}")
@@ -119,7 +138,8 @@ class _Table(nn.Module):
             if g is None:
                 continue
             if not g.is_sparse:   # max bags (torch has no sparse max): every looked-up row
-                g = torch.sparse_coo_tensor(torch.arange(len(uniq)).reshape(1, -1), g, tuple(g.shape))
+                g = torch.sparse_coo_tensor(torch.arange(len(uniq)).reshape(1, -1), g, tuple(g.shape),
+                                            check_invariants=False)
             keys.append(uniq[g._indices()[0]])
             values.append(g._values())
         if not keys:
@@ -129,7 +149,8 @@ class _Table(nn.Module):
             return keys.numpy(), np.ascontiguousarray(values.detach().numpy())
         # coalesce over positions in the sorted unique keys: the same comparisons, so the same sums
         u, pos = torch.unique(keys, sorted=True, return_inverse=True)
-        g = torch.sparse_coo_tensor(pos.reshape(1, -1), values, (len(u), self.embedding_dim)).coalesce()
+        g = torch.sparse_coo_tensor(pos.reshape(1, -1), values, (len(u), self.embedding_dim),
+                                    check_invariants=False).coalesce()
         return u[g._indices()[0]].numpy(), np.ascontiguousarray(g._values().detach().numpy())
 
     def _clear(self):
@@ -164,7 +185,7 @@ class Embedding(_Table):
             spec["initial_value"] = np.ascontiguousarray(value, dtype=_DTYPES.get(dtype, "float32"))
         else:
             spec["shape"] = (num_embeddings, embedding_dim)
-            spec["initializer"] = initializer or _default_initializer()
+            spec["initializer"] = _initializer(initializer, name)
         self.num_embeddings = num_embeddings
         super().__init__(client=client, name=name, embedding_dim=embedding_dim, dtype=dtype, dynamic=False, spec=spec)
 
@@ -181,7 +202,7 @@ class DynamicEmbedding(_Table):
 
     def __init__(self, embedding_dim, *, client, name, initializer=None, dtype=torch.float32, admission=None,
                  eviction=None, capacity=None, on_full=None, evict_batch=None):
-        spec = {"initializer": initializer or _default_initializer(), "admission": admission, "eviction": eviction,
+        spec = {"initializer": _initializer(initializer, name), "admission": admission, "eviction": eviction,
                 "capacity": capacity, "on_full": on_full, "evict_batch": evict_batch}
         super().__init__(client=client, name=name, embedding_dim=embedding_dim, dtype=dtype, dynamic=True, spec=spec)
 
@@ -202,7 +223,7 @@ class EmbeddingBag(_Table):
             raise ValueError(f"sparseps.torch.EmbeddingBag: mode must be 'sum', 'mean' or 'max', got {mode!r}")
         self.mode, self.include_last_offset = mode, bool(include_last_offset)
         if dynamic:
-            spec = {"initializer": initializer or _default_initializer(), **table}
+            spec = {"initializer": _initializer(initializer, name), **table}
             self.num_embeddings = None
         else:
             if table:
@@ -254,9 +275,8 @@ class EmbeddingBag(_Table):
 
 # ------------------------------------------------------------------------------------ optimizers
 def _table_of(p):
-    ref = getattr(p, "_sparseps_table", None)
-    module = ref() if ref is not None else None
-    if module is None:
+    module = getattr(p, "_sparseps_table", None)
+    if not isinstance(module, _Table):
         shape = list(p.shape) if isinstance(p, torch.Tensor) else type(p).__name__
         raise TypeError(f"sparseps.torch optimizers take the parameters of sparseps.torch modules only; got a "
                         f"parameter of shape {shape} (give dense parameters to a torch.optim optimizer)")
