@@ -132,6 +132,11 @@ class _Table(nn.Module):
         """This table's gradient since zero_grad() as (keys, rows) numpy arrays, coalesced by torch
         (or raw, every looked-up id in lookup order, as nn.Embedding's uncoalesced gradient is), or
         None when no lookup got a gradient (the table then pushes nothing, as torch skips p.grad None)."""
+        got = [(uniq, leaf.grad) for uniq, leaf in self._lookups if leaf.grad is not None]
+        if len(got) == 1 and got[0][1].is_sparse and coalesce:   # one lookup: its rows are the positions
+            uniq, g = got[0]
+            g = g.coalesce()
+            return uniq[g._indices()[0]].numpy(), np.ascontiguousarray(g._values().detach().numpy())
         keys, values = [], []
         for uniq, leaf in self._lookups:
             g = leaf.grad
