@@ -9,10 +9,11 @@ Variants, each in the same run, interleaved over rounds, one numba shard on this
             (a dense leaf of the unique rows), push (ids, rows)
   core_pp   the core client's push_pull: push this step and pull the next batch's rows, one round trip
   torch     sparseps.torch: Embedding lookup, autograd backward, SparseAdam.step()
+  torch_pf  the same with emb.prefetch(next ids): the step's push_pull brings the next batch's rows
   local     one process, no server: nn.Embedding(1M, 64, sparse=True) + torch.optim.SparseAdam
   workers2  two processes running the sparseps.torch step against the one shard (steps/s of both)
 
-Ratios: torch / core and torch / core_pp (what the glue costs; goal <= 1.2 x the core client);
+Ratios: torch / core and torch_pf / core_pp (what the glue costs; goal <= 1.2 x the core client);
 steps/s of 1 and 2 sparseps.torch workers / steps/s of local (goal >= 1.0 at 1 worker).
 
     .venv/bin/python bench/bench_torch.py                  # 2 rounds x 20 steps (~2 min)
@@ -64,7 +65,7 @@ def run_core(client, name, pool, steps, push_pull):
     return times
 
 
-def torch_step_loop(emb, opt, pool, steps):
+def torch_step_loop(emb, opt, pool, steps, prefetch=False):
     import torch
     times = []
     for k in range(steps):
@@ -73,6 +74,8 @@ def torch_step_loop(emb, opt, pool, steps):
         opt.zero_grad()
         h = emb(ids.view(-1, BAG)).mean(1)
         (h ** 2).sum().backward()
+        if prefetch:
+            emb.prefetch(torch.from_numpy(pool[(k + 1) % len(pool)]))
         opt.step()
         times.append(time.perf_counter() - t0)
     return times
@@ -142,6 +145,7 @@ def main():
             rnd["core"] = run_core(client, "emb_core", pool, args.steps, False)
             rnd["core_pp"] = run_core(client, "emb_core", pool, args.steps, True)
             rnd["torch"] = torch_step_loop(emb, opt, pool, args.steps)
+            rnd["torch_pf"] = torch_step_loop(emb, opt, pool, args.steps, prefetch=True)
             rnd["local"] = torch_step_loop(local, local_opt, pool, args.steps)
             rnd["workers2"] = run_workers(servers[0].address, args.rows, args.steps, 2)
             res["rounds"].append(rnd)
@@ -155,10 +159,11 @@ def main():
 
     def med(key):
         return statistics.median(t for rnd in res["rounds"] for t in rnd[key])
-    s = {k: med(k) for k in ("core", "core_pp", "torch", "local")}
+    s = {k: med(k) for k in ("core", "core_pp", "torch", "torch_pf", "local")}
     w2 = statistics.median(rnd["workers2"]["steps_per_s"] for rnd in res["rounds"])
     res["summary"] = {**{f"{k}_ms": v * 1e3 for k, v in s.items()}, "torch_over_core": s["torch"] / s["core"],
                       "torch_over_core_push_pull": s["torch"] / s["core_pp"],
+                      "torch_prefetch_over_core_push_pull": s["torch_pf"] / s["core_pp"],
                       "one_worker_vs_local": s["local"] / s["torch"], "two_workers_steps_per_s": w2,
                       "two_workers_vs_local": w2 * s["local"]}
 
@@ -173,9 +178,12 @@ def main():
             f"| core client: pull + push | {x['core_ms']:.1f} |",
             f"| core client: push_pull (next batch's rows in the same round trip) | {x['core_pp_ms']:.1f} |",
             f"| sparseps.torch: Embedding + SparseAdam.step() | {x['torch_ms']:.1f} |",
+            f"| sparseps.torch with prefetch(next ids): the step's push_pull reads the next rows | "
+            f"{x['torch_pf_ms']:.1f} |",
             f"| local: nn.Embedding(sparse=True) + torch.optim.SparseAdam | {x['local_ms']:.1f} |",
             "", f"- sparseps.torch / core pull+push: **{x['torch_over_core']:.2f}x** "
-                f"(goal <= 1.2x); / core push_pull: {x['torch_over_core_push_pull']:.2f}x",
+                f"(goal <= 1.2x); with prefetch / core push_pull: "
+                f"**{x['torch_prefetch_over_core_push_pull']:.2f}x**",
             f"- 1 sparseps.torch worker vs local: **{x['one_worker_vs_local']:.2f}x** the steps/s (goal >= 1.0)",
             f"- 2 sparseps.torch workers: {x['two_workers_steps_per_s']:.2f} steps/s together, "
             f"**{x['two_workers_vs_local']:.2f}x** local's steps/s"])

@@ -292,3 +292,31 @@ def test_demo_torch_two_workers_learn(tmp_path):
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.count("training loss") == 2 and "held-out log-loss" in out.stdout
     assert png.stat().st_size > 1000
+
+
+@pytest.mark.parametrize("kind", ["SGD", "SparseAdam"])
+def test_prefetch_reads_the_next_batch_with_the_step(numba_client, unique, kind):
+    """prefetch(next_ids) before step(): one push_pull round trip per step, the same numbers."""
+    ref_cls, our_cls, kw, exact = OPTIMIZERS[kind]
+    init = np.random.default_rng(6).normal(0, 0.1, (N, D)).astype(np.float32)
+    ref = nn.Embedding(N, D, sparse=True)
+    with torch.no_grad():
+        ref.weight.copy_(torch.from_numpy(init))
+    ours = spt.Embedding(N, D, client=numba_client, name=f"{unique}_pf", initial_value=init)
+    ref_opt, opt = ref_cls(ref.parameters(), **kw), our_cls(ours.parameters(), **kw)
+    data = [torch.from_numpy(np.random.default_rng(k).integers(0, N, 12)) for k in range(7)]
+    for k in range(6):
+        for m, o in ((ref, ref_opt), (ours, opt)):
+            o.zero_grad()
+            (m(data[k]) ** 2).sum().backward()
+            if m is ours:
+                ours.prefetch(data[k + 1])
+            o.step()
+    assert ours.pulls == 1   # the first batch only; every later one came with the step before it
+    got, want = numba_client.variable(f"{unique}_pf").numpy(), ref.weight.detach().numpy()
+    if exact:
+        assert np.array_equal(got, want)
+    else:
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    ours(torch.tensor([1, 2]))   # other ids than prefetched: a pull of its own
+    assert ours.pulls == 2

@@ -60,6 +60,9 @@ class _Table(nn.Module):
         self.dtype, self.dynamic, self._spec = dtype, dynamic, spec
         self._variable = None
         self._lookups = []   # (unique keys, leaf rows) of every forward since zero_grad()
+        self._prefetch = None     # unique keys to read with the next step's push (prefetch())
+        self._prefetched = None   # (unique keys, rows) read right after the last step's push
+        self.pulls = 0            # round trips this module made for its own lookups
         # Zero-size: carries the module into optimizer param groups (the rows live on the cluster).
         self.table = nn.Parameter(torch.empty(0, dtype=dtype))
         self.table._sparseps_table = self   # (a cycle the garbage collector handles)
@@ -121,7 +124,14 @@ class _Table(nn.Module):
         flat = ids.reshape(-1).to(torch.int64)
         uniq, inverse = torch.unique(flat, sorted=True, return_inverse=True)
         keys = uniq.numpy()
-        pulled = self.variable.pull(keys) if len(keys) else np.zeros((0, self.embedding_dim), _DTYPES[self.dtype])
+        ready, self._prefetched = self._prefetched, None
+        if ready is not None and torch.equal(ready[0], uniq):
+            pulled = ready[1]
+        elif len(keys):
+            pulled = self.variable.pull(keys)
+            self.pulls += 1
+        else:
+            pulled = np.zeros((0, self.embedding_dim), _DTYPES[self.dtype])
         leaf = torch.from_numpy(np.array(pulled, dtype=_DTYPES[self.dtype], copy=True))
         if torch.is_grad_enabled() and self.training:
             leaf.requires_grad_(True)
@@ -160,6 +170,16 @@ class _Table(nn.Module):
 
     def _clear(self):
         self._lookups = []
+
+    def prefetch(self, ids):
+        """Read the rows of `ids` (the next batch's) in the same round trip as the optimizer's next
+        step(), right after that step is applied (push_pull): the next forward on exactly these ids
+        then makes no round trip of its own. The rows include this worker's step; like any pull they
+        may miss another worker's concurrent step (staleness: none beyond a plain pull). A forward on
+        other ids ignores the prefetched rows and pulls."""
+        self._check_ids(ids)
+        self._prefetch = torch.unique(ids.reshape(-1).to(torch.int64), sorted=True)
+        self._prefetched = None
 
     def forward(self, ids):
         """The rows of ids (any shape) as a tensor of shape ids.shape + (embedding_dim,)."""
@@ -387,12 +407,27 @@ class Optimizer(torch.optim.Optimizer):
                         raise ValueError(f"sparseps.torch: invalid learning rate {lr}")
                     if self._sent_lr.get(server) != lr:
                         lr_updates[server] = lr
-        if not grads:
+        wanted = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                module = _table_of(p)
+                if module._prefetch is not None:
+                    wanted[module.name] = module
+                    client = client or module.client
+        if not grads and not wanted:
             return loss
         for server, lr in lr_updates.items():
             client.set_weights([], optimizer=server, nonslot={"lr": lr})
             self._sent_lr[server] = lr
-        client.push(grads)
+        pulls = {name: m._prefetch.numpy() for name, m in wanted.items()}
+        if grads and pulls:
+            _, rows = client.push_pull(grads, pulls)
+        elif grads:
+            client.push(grads)
+        else:
+            rows = {name: client.pull(name, keys) for name, keys in pulls.items()}
+        for name, m in wanted.items():
+            m._prefetched, m._prefetch = (m._prefetch, np.asarray(rows[name])), None
         return loss
 
     def zero_grad(self, set_to_none: bool = True):
