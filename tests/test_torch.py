@@ -320,3 +320,31 @@ def test_prefetch_reads_the_next_batch_with_the_step(numba_client, unique, kind)
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     ours(torch.tensor([1, 2]))   # other ids than prefetched: a pull of its own
     assert ours.pulls == 2
+
+
+def test_dense_part_under_torch_compile(numba_client, unique):
+    """The pull stays outside the compiled region: the embedding's output is an input of a dense
+    part compiled whole (fullgraph=True). aot_eager runs dynamo and AOT autograd without a C++
+    build (inductor compiled the same in ~55 s on this machine, docs/torch.md)."""
+    init = np.random.default_rng(8).normal(0, 0.1, (N, D)).astype(np.float32)
+    losses = {}
+    for compiled in (False, True):
+        emb = spt.Embedding(N, D, client=numba_client, name=f"{unique}_c{int(compiled)}", initial_value=init)
+        torch.manual_seed(0)
+        mlp = nn.Sequential(nn.Linear(D, 8), nn.ReLU(), nn.Linear(8, 1))
+        head = torch.compile(mlp, backend="aot_eager", fullgraph=True) if compiled else mlp
+        opt, dense = spt.SparseAdam(emb.parameters(), lr=0.01), torch.optim.SGD(mlp.parameters(), lr=0.1)
+        out = []
+        for k in range(4):
+            ids = torch.from_numpy(np.random.default_rng(k).integers(0, N, (6, 3)))
+            opt.zero_grad()
+            dense.zero_grad()
+            loss = (head(emb(ids).sum(1)) ** 2).mean()
+            loss.backward()
+            opt.step()
+            dense.step()
+            out.append(loss.item())
+        losses[compiled] = out
+    np.testing.assert_allclose(losses[True], losses[False], rtol=1e-6)
+    np.testing.assert_allclose(numba_client.variable(f"{unique}_c1").numpy(),
+                               numba_client.variable(f"{unique}_c0").numpy(), rtol=1e-5, atol=1e-7)
