@@ -348,3 +348,36 @@ def test_dense_part_under_torch_compile(numba_client, unique):
     np.testing.assert_allclose(losses[True], losses[False], rtol=1e-6)
     np.testing.assert_allclose(numba_client.variable(f"{unique}_c1").numpy(),
                                numba_client.variable(f"{unique}_c0").numpy(), rtol=1e-5, atol=1e-7)
+
+
+def test_cluster_linear_in_the_same_push(numba_client, unique):
+    """spt.Linear: weight and bias on the cluster, their dense gradients in the tables' push (one
+    step of the shared optimizer per step); the numbers of a local nn.Linear + nn.Embedding under SGD."""
+    init = np.random.default_rng(9).normal(0, 0.1, (N, D)).astype(np.float32)
+    w0 = np.random.default_rng(10).normal(0, 0.3, (2, D)).astype(np.float32)
+    ref_emb, ref_lin = nn.Embedding(N, D, sparse=True), nn.Linear(D, 2)
+    with torch.no_grad():
+        ref_emb.weight.copy_(torch.from_numpy(init))
+        ref_lin.weight.copy_(torch.from_numpy(w0))
+        ref_lin.bias.zero_()
+    emb = spt.Embedding(N, D, client=numba_client, name=f"{unique}_le", initial_value=init)
+    lin = spt.Linear(D, 2, client=numba_client, name=f"{unique}_lin", initial_value=w0)
+    with pytest.raises(TypeError, match="sparse gradients only"):
+        spt.SparseAdam(lin.parameters())
+    opt = spt.Optimizer(list(emb.parameters()) + list(lin.parameters()),
+                        {"class_name": "SGD", "config": {"learning_rate": 0.1}}, name=f"{unique}_sgd")
+    ref_opt = torch.optim.SGD(list(ref_emb.parameters()) + list(ref_lin.parameters()), lr=0.1)
+    for k in range(5):
+        ids = torch.from_numpy(np.random.default_rng(20 + k).integers(0, N, (4, 3)))
+        y = torch.from_numpy(np.random.default_rng(30 + k).normal(0, 1, (4, 2)).astype(np.float32))
+        for e, lnr, o in ((ref_emb, ref_lin, ref_opt), (emb, lin, opt)):
+            o.zero_grad()
+            ((lnr(e(ids).sum(1)) - y) ** 2).mean().backward()
+            o.step()
+    assert numba_client.optimizer(f"{unique}_sgd").iterations == 5   # table, weight and bias: one push a step
+    np.testing.assert_allclose(numba_client.variable(f"{unique}_lin.weight").numpy(),
+                               ref_lin.weight.detach().numpy(), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(numba_client.variable(f"{unique}_lin.bias").numpy(),
+                               ref_lin.bias.detach().numpy(), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(numba_client.variable(f"{unique}_le").numpy(), ref_emb.weight.detach().numpy(),
+                               rtol=1e-5, atol=1e-7)

@@ -26,7 +26,7 @@ from torch import nn
 
 from .. import errors
 
-__all__ = ["Embedding", "DynamicEmbedding", "EmbeddingBag", "SparseAdam", "Adagrad", "SGD", "Optimizer"]
+__all__ = ["Embedding", "DynamicEmbedding", "EmbeddingBag", "Linear", "SparseAdam", "Adagrad", "SGD", "Optimizer"]
 
 _DTYPES = {torch.float32: "float32", torch.float64: "float64"}
 _INT_IDS = (torch.int64, torch.int32)
@@ -168,6 +168,10 @@ class _Table(nn.Module):
                                     check_invariants=False).coalesce()
         return u[g._indices()[0]].numpy(), np.ascontiguousarray(g._values().detach().numpy())
 
+    def _gradients(self, coalesce=True) -> dict:
+        g = self._gradient(coalesce)
+        return {} if g is None else {self.name: g}
+
     def _clear(self):
         self._lookups = []
 
@@ -298,10 +302,80 @@ class EmbeddingBag(_Table):
         return f"{size}, {self.embedding_dim}, mode={self.mode!r}, name={self.name!r}"
 
 
+class Linear(nn.Module):
+    """`nn.Linear(in_features, out_features, bias)` whose weight and bias live on the cluster
+    (variables `<name>.weight`, `<name>.bias`), so that their gradients go in the same atomic push
+    as the tables' (what sparseps.keras.Dense does). Every forward pulls them whole. torch's sparse
+    optimizers take no dense gradient: use it with sparseps.torch.Optimizer and a class that does
+    (Adam, LazyAdam's dense path, RectifiedAdam, Adagrad, ...)."""
+
+    _prefetch = None
+
+    def __init__(self, in_features, out_features, bias=True, *, client, name, initial_value=None,
+                 initializer=None, dtype=torch.float32):
+        super().__init__()
+        if dtype not in _DTYPES:
+            raise TypeError(f"sparseps.torch.Linear: dtype must be torch.float32 or torch.float64, got {dtype}")
+        self.client, self.name, self.dtype = client, name, dtype
+        self.in_features, self.out_features, self.has_bias = in_features, out_features, bool(bias)
+        if initial_value is None:   # nn.Linear's U(-1/sqrt(in), 1/sqrt(in)), seeded from the name
+            bound = 1 / math.sqrt(in_features)
+            initializer = initializer or {"class_name": "RandomUniform", "config": {"minval": -bound, "maxval": bound}}
+            self._init = {"weight": {"shape": (out_features, in_features), "initializer": _initializer(
+                initializer, name + ".weight")}}
+        else:
+            w = np.asarray(initial_value.detach() if isinstance(initial_value, torch.Tensor) else initial_value)
+            if w.shape != (out_features, in_features):
+                raise ValueError(f"sparseps.torch.Linear {name!r}: initial_value has shape {list(w.shape)}, "
+                                 f"expected {[out_features, in_features]}")
+            self._init = {"weight": {"initial_value": np.ascontiguousarray(w, _DTYPES[dtype])}}
+        if self.has_bias:
+            self._init["bias"] = {"initial_value": np.zeros(out_features, _DTYPES[dtype])}
+        self.table = nn.Parameter(torch.empty(0, dtype=dtype))
+        self.table._sparseps_table = self
+        self._leaves = []
+
+    def _create(self, optimizer: str):
+        for part, spec in self._init.items():
+            try:
+                self.client.create_variable(f"{self.name}.{part}", optimizer=optimizer, dtype=_DTYPES[self.dtype],
+                                            partition="whole", **spec)
+            except errors.AlreadyExists:   # another worker's: it must have this optimizer
+                placed = self.client.variable(f"{self.name}.{part}").optimizer
+                if placed is None or placed.name != optimizer:
+                    raise
+
+    def forward(self, x):
+        parts = {}
+        for part in self._init:
+            leaf = torch.from_numpy(np.array(self.client.pull(f"{self.name}.{part}"), copy=True))
+            if torch.is_grad_enabled() and self.training:
+                leaf.requires_grad_(True)
+                self._leaves.append((part, leaf))
+            parts[part] = leaf
+        return F.linear(x, parts["weight"], parts.get("bias"))
+
+    def _gradients(self, coalesce=True) -> dict:
+        out = {}
+        for part, leaf in self._leaves:
+            if leaf.grad is not None:
+                g = leaf.grad.detach().numpy()
+                key = f"{self.name}.{part}"
+                out[key] = g.copy() if key not in out else out[key] + g
+        return out
+
+    def _clear(self):
+        self._leaves = []
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.has_bias}, " \
+               f"name={self.name!r}"
+
+
 # ------------------------------------------------------------------------------------ optimizers
 def _table_of(p):
     module = getattr(p, "_sparseps_table", None)
-    if not isinstance(module, _Table):
+    if not isinstance(module, (_Table, Linear)):
         shape = list(p.shape) if isinstance(p, torch.Tensor) else type(p).__name__
         raise TypeError(f"sparseps.torch optimizers take the parameters of sparseps.torch modules only; got a "
                         f"parameter of shape {shape} (give dense parameters to a torch.optim optimizer)")
@@ -350,6 +424,10 @@ class Optimizer(torch.optim.Optimizer):
         return {k: (list(group[k]) if isinstance(group[k], tuple) else group[k]) for k in self._torch_keys}
 
     def _bind(self, module, group):
+        if isinstance(module, Linear) and self._server_class is not None:
+            raise TypeError(f"sparseps.torch.{type(self).__name__} takes sparse gradients only (as torch's does); give "
+                            f"the cluster Linear {module.name!r} to sparseps.torch.Optimizer with a class that takes "
+                            "dense gradients (e.g. Adam, LazyAdam), or keep the layer local")
         if module.name in self._bound:
             raise ValueError(f"sparseps.torch: table {module.name!r} is given to this optimizer twice")
         client = module.client
@@ -396,11 +474,11 @@ class Optimizer(torch.optim.Optimizer):
                 elif group["lr"] == group["lr"] and group["lr"] != self.defaults["lr"]:
                     raise ValueError("sparseps.torch.Optimizer: this server optimizer's learning rate comes from its "
                                      "config; param_groups lr cannot change it")
-                g = module._gradient(self._coalesce)
-                if g is None:
+                g = module._gradients(self._coalesce)
+                if not g:
                     continue
                 client = module.client
-                grads[module.name] = g
+                grads.update(g)
                 if self._server_class is not None:
                     lr = float(group["lr"])
                     if not math.isfinite(lr) or lr < 0:
