@@ -157,36 +157,43 @@ def main():
         for s in servers:
             s.stop()
 
-    def med(key):
-        return statistics.median(t for rnd in res["rounds"] for t in rnd[key])
-    s = {k: med(k) for k in ("core", "core_pp", "torch", "torch_pf", "local")}
-    w2 = statistics.median(rnd["workers2"]["steps_per_s"] for rnd in res["rounds"])
-    res["summary"] = {**{f"{k}_ms": v * 1e3 for k, v in s.items()}, "torch_over_core": s["torch"] / s["core"],
-                      "torch_over_core_push_pull": s["torch"] / s["core_pp"],
-                      "torch_prefetch_over_core_push_pull": s["torch_pf"] / s["core_pp"],
-                      "one_worker_vs_local": s["local"] / s["torch"], "two_workers_steps_per_s": w2,
-                      "two_workers_vs_local": w2 * s["local"]}
+    def per_round(fn):
+        """fn(medians of one round) for every round: median [min, max] over the rounds."""
+        vals = sorted(fn({k: statistics.median(v) for k, v in rnd.items() if isinstance(v, list)}, rnd)
+                      for rnd in res["rounds"])
+        return [statistics.median(vals), vals[0], vals[-1]]
+    res["summary"] = {
+        **{f"{k}_ms": per_round(lambda m, r, k=k: m[k] * 1e3) for k in ("core", "core_pp", "torch", "torch_pf", "local")},
+        "torch_over_core": per_round(lambda m, r: m["torch"] / m["core"]),
+        "torch_prefetch_over_core_push_pull": per_round(lambda m, r: m["torch_pf"] / m["core_pp"]),
+        "one_worker_vs_local": per_round(lambda m, r: m["local"] / m["torch"]),
+        "two_workers_steps_per_s": per_round(lambda m, r: r["workers2"]["steps_per_s"]),
+        "two_workers_vs_local": per_round(lambda m, r: r["workers2"]["steps_per_s"] * m["local"])}
 
     def report(res):
         m, x = res["machine"], res["summary"]
+
+        def mr(v, fmt="{:.2f}"):
+            return f"{fmt.format(v[0])} [{fmt.format(v[1])}, {fmt.format(v[2])}]"
         return "\n".join([
-            f"# sparseps.torch step cost ({m['date_utc']} UTC, {m.get('cpu', '?')}, {m['cpus']} CPUs, torch {res['torch']})",
+            f"# sparseps.torch step cost ({m['date_utc']} UTC, {m.get('cpu', '?')}, {m['cpus']} CPUs, torch {res['torch']}, "
+            f"load average at start {m['loadavg_start'][0]:.1f})",
             "", f"`{m['command']}`: {res['args']['rows']:,} x {DIM} float32, {BATCH} ids per step "
-                f"({BATCH // BAG} bags of {BAG}), SparseAdam numbers, one numba shard; median of "
-                f"{res['args']['rounds']} x {res['args']['steps']} steps",
+                f"({BATCH // BAG} bags of {BAG}), SparseAdam numbers, one numba shard; per round the median of "
+                f"{res['args']['steps']} steps; median [min, max] over {res['args']['rounds']} rounds, ratios taken "
+                "per round",
             "", "| variant | ms per step |", "|---|---|",
-            f"| core client: pull + push | {x['core_ms']:.1f} |",
-            f"| core client: push_pull (next batch's rows in the same round trip) | {x['core_pp_ms']:.1f} |",
-            f"| sparseps.torch: Embedding + SparseAdam.step() | {x['torch_ms']:.1f} |",
+            f"| core client: pull + push | {mr(x['core_ms'], '{:.1f}')} |",
+            f"| core client: push_pull (next batch's rows in the same round trip) | {mr(x['core_pp_ms'], '{:.1f}')} |",
+            f"| sparseps.torch: Embedding + SparseAdam.step() | {mr(x['torch_ms'], '{:.1f}')} |",
             f"| sparseps.torch with prefetch(next ids): the step's push_pull reads the next rows | "
-            f"{x['torch_pf_ms']:.1f} |",
-            f"| local: nn.Embedding(sparse=True) + torch.optim.SparseAdam | {x['local_ms']:.1f} |",
-            "", f"- sparseps.torch / core pull+push: **{x['torch_over_core']:.2f}x** "
-                f"(goal <= 1.2x); with prefetch / core push_pull: "
-                f"**{x['torch_prefetch_over_core_push_pull']:.2f}x**",
-            f"- 1 sparseps.torch worker vs local: **{x['one_worker_vs_local']:.2f}x** the steps/s (goal >= 1.0)",
-            f"- 2 sparseps.torch workers: {x['two_workers_steps_per_s']:.2f} steps/s together, "
-            f"**{x['two_workers_vs_local']:.2f}x** local's steps/s"])
+            f"{mr(x['torch_pf_ms'], '{:.1f}')} |",
+            f"| local: nn.Embedding(sparse=True) + torch.optim.SparseAdam | {mr(x['local_ms'], '{:.1f}')} |",
+            "", f"- sparseps.torch / core pull+push: **{mr(x['torch_over_core'])}x** (goal <= 1.2x); "
+                f"with prefetch / core push_pull: {mr(x['torch_prefetch_over_core_push_pull'])}x",
+            f"- 1 sparseps.torch worker vs local: **{mr(x['one_worker_vs_local'])}x** the steps/s (goal >= 1.0)",
+            f"- 2 sparseps.torch workers: {mr(x['two_workers_steps_per_s'], '{:.1f}')} steps/s together, "
+            f"**{mr(x['two_workers_vs_local'])}x** local's steps/s"])
     record("torch", res, report, args.out)
 
 
