@@ -118,6 +118,9 @@ def test_rules_are_bit_exact_with_torchs_sqrt(path, monkeypatch):
     run here, on this CPU, on the golden's gradients (torch's MKL sqrt may differ between CPUs, so
     the comparison is with a live torch, not with the file)."""
     torch = pytest.importorskip("torch")
+    from test_torch_optimizers import torch_fuses_axpy
+    if "sparseadam" not in path.stem and not torch_fuses_axpy():
+        pytest.skip("this CPU's torch rounds add_(alpha) twice (no FMA); the server gives the fused result")
     from sparseps.server.backends.numpy_backend import NumpyBackend
     from sparseps.server.optimizers import from_config, torch_base
     monkeypatch.setattr(torch_base, "sqrt", lambda x: torch.from_numpy(np.ascontiguousarray(x)).sqrt().numpy())

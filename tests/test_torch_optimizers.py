@@ -10,6 +10,25 @@ from sparseps.server.optimizers.torch_base import coalesce, fma, sort_permutatio
 torch = pytest.importorskip("torch")
 
 
+def torch_fuses_axpy() -> bool:
+    """Whether this CPU's torch computes a 2-D table's sparse `add_(g, alpha=a)` as one fused
+    multiply-add (MKL axpy on a CPU with FMA) or rounds twice (a CPU without FMA). The server always
+    gives the fused result; comparisons with a live torch are bit-exact only where torch fuses too.
+    -1 + (1 + 2**-12)**2: rounded twice 2**-11, fused 2**-11 + 2**-24."""
+    a = 1 + 2.0 ** -12
+    p = torch.full((1, 2), -1.0)
+    g = torch.sparse_coo_tensor(torch.tensor([[0]]), torch.full((1, 2), a), (1, 2), check_invariants=False)
+    p.add_(g.coalesce(), alpha=a)
+    return float(p[0, 0]) == 2.0 ** -11 + 2.0 ** -24
+
+
+def test_which_rounding_this_cpus_torch_uses():
+    """Documents the CPU (both answers are torch; the server's fused one matches FMA CPUs)."""
+    assert torch_fuses_axpy() in (True, False)
+    got = fma(np.float32(1 + 2.0 ** -12), np.full(2, 1 + 2.0 ** -12, np.float32), np.full(2, -1.0, np.float32))
+    assert got[0] == np.float32(2.0 ** -11 + 2.0 ** -24)
+
+
 def exact_fma(a, b, c, dtype):
     return np.array([dtype(float(Fraction(float(x)) * Fraction(float(y)) + Fraction(float(z))))
                      for x, y, z in zip(np.broadcast_to(a, c.shape).ravel(), b.ravel(), c.ravel())],
