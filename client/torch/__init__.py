@@ -13,8 +13,9 @@ sparse=True)`, so autograd gives each pulled row its gradient exactly as `nn.Emb
 does. `step()` coalesces each touched table's gradient with torch (the same sums as torch's own
 optimizers) and pushes all of them as ONE atomic step. Tables of the torch classes each get their
 own server optimizer, so a table's step count is torch's per-parameter count (a table unused in a
-step pushes nothing and does not count it). Imported only on demand: `import sparseps` needs no
-torch.
+step pushes nothing and does not count it). `module.prefetch(next_ids)` reads the next batch's rows
+in the step's own round trip; `Linear` keeps a dense layer on the cluster (with `Optimizer`).
+Imported only on demand: `import sparseps` needs no torch.
 """
 import math
 import zlib
