@@ -436,3 +436,25 @@ def test_a_killed_shard_restarts_with_the_tables_steps_and_lr(tmp_path):
                                        rtol=1e-5)
     finally:
         srv.stop()
+
+
+def test_background_prefetch_with_staleness_one(numba_client, unique):
+    """prefetch(ids, staleness=1) reads on a background thread now: the next forward gets the rows
+    as they were before this step (here the read is waited for before the step, so exactly one
+    step stale) and makes no pull of its own; staleness must be 0 or 1."""
+    init = np.random.default_rng(12).normal(0, 0.1, (N, D)).astype(np.float32)
+    emb = spt.Embedding(N, D, client=numba_client, name=f"{unique}_bg", initial_value=init)
+    opt = spt.SGD(emb.parameters(), lr=0.5)
+    ids = torch.tensor([3, 4, 5])
+    with pytest.raises(ValueError, match="staleness"):
+        emb.prefetch(ids, staleness=2)
+    opt.zero_grad()
+    emb(ids).sum().backward()
+    emb.prefetch(ids, staleness=1)
+    emb._prefetched[1].result()              # the read lands before the step
+    opt.step()
+    pulls = emb.pulls
+    rows = emb(ids)
+    assert emb.pulls == pulls
+    np.testing.assert_array_equal(rows.detach().numpy(), init[[3, 4, 5]])                    # one step stale
+    assert not np.array_equal(numba_client.pull(f"{unique}_bg", [3, 4, 5]), init[[3, 4, 5]])  # the step landed

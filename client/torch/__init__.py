@@ -62,7 +62,8 @@ class _Table(nn.Module):
         self._variable = None
         self._lookups = []   # (unique keys, leaf rows) of every forward since zero_grad()
         self._prefetch = None     # unique keys to read with the next step's push (prefetch())
-        self._prefetched = None   # (unique keys, rows) read right after the last step's push
+        self._prefetched = None   # (unique keys, rows or a Future of them) read ahead
+        self._pool = None         # the background reader of prefetch(staleness=1)
         self.pulls = 0            # round trips this module made for its own lookups
         # Zero-size: carries the module into optimizer param groups (the rows live on the cluster).
         self.table = nn.Parameter(torch.empty(0, dtype=dtype))
@@ -127,7 +128,7 @@ class _Table(nn.Module):
         keys = uniq.numpy()
         ready, self._prefetched = self._prefetched, None
         if ready is not None and torch.equal(ready[0], uniq):
-            pulled = ready[1]
+            pulled = ready[1] if isinstance(ready[1], np.ndarray) else ready[1].result()
         elif len(keys):
             pulled = self.variable.pull(keys)
             self.pulls += 1
@@ -176,15 +177,28 @@ class _Table(nn.Module):
     def _clear(self):
         self._lookups = []
 
-    def prefetch(self, ids):
-        """Read the rows of `ids` (the next batch's) in the same round trip as the optimizer's next
-        step(), right after that step is applied (push_pull): the next forward on exactly these ids
-        then makes no round trip of its own. The rows include this worker's step; like any pull they
-        may miss another worker's concurrent step (staleness: none beyond a plain pull). A forward on
-        other ids ignores the prefetched rows and pulls."""
+    def prefetch(self, ids, staleness: int = 0):
+        """Read the rows of `ids` (the next batch's) ahead, so that the next forward on exactly these
+        ids makes no round trip of its own (a forward on other ids ignores them and pulls).
+
+        staleness=0 (default): in the same round trip as the optimizer's next step(), right after
+        that step is applied (push_pull). The rows include this worker's step; like any pull they may
+        miss another worker's concurrent step: no staleness beyond a plain pull.
+        staleness=1: now, on a background thread, while this step's forward and backward run: the
+        rows may miss this worker's next step (at most that one of its own steps), in exchange for
+        the read overlapping the computation."""
+        if staleness not in (0, 1):
+            raise ValueError(f"{type(self).__name__} {self.name!r}: staleness must be 0 or 1, got {staleness!r}")
         self._check_ids(ids)
-        self._prefetch = torch.unique(ids.reshape(-1).to(torch.int64), sorted=True)
-        self._prefetched = None
+        keys = torch.unique(ids.reshape(-1).to(torch.int64), sorted=True)
+        self._prefetch, self._prefetched = None, None
+        if staleness == 0:
+            self._prefetch = keys
+            return
+        if self._pool is None:
+            import concurrent.futures
+            self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"sparseps-{self.name}")
+        self._prefetched = (keys, self._pool.submit(self.variable.pull, keys.numpy()))
 
     def forward(self, ids):
         """The rows of ids (any shape) as a tensor of shape ids.shape + (embedding_dim,)."""
