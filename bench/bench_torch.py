@@ -10,6 +10,7 @@ Variants, each in the same run, interleaved over rounds, one numba shard on this
   core_pp   the core client's push_pull: push this step and pull the next batch's rows, one round trip
   torch     sparseps.torch: Embedding lookup, autograd backward, SparseAdam.step()
   torch_pf  the same with emb.prefetch(next ids): the step's push_pull brings the next batch's rows
+  torch_pf1 the same with emb.prefetch(next ids, staleness=1): read on a background thread meanwhile
   local     one process, no server: nn.Embedding(1M, 64, sparse=True) + torch.optim.SparseAdam
   workers2  two processes running the sparseps.torch step against the one shard (steps/s of both)
 
@@ -33,6 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import machine_info, record, start_sparseps  # noqa: E402
 
 BAG, DIM, BATCH = 128, 64, 4096
+VARIANTS = ("core", "core_pp", "torch", "torch_pf", "torch_pf1", "local")
 
 
 def batches(rows, n, seed):
@@ -65,16 +67,23 @@ def run_core(client, name, pool, steps, push_pull):
     return times
 
 
-def torch_step_loop(emb, opt, pool, steps, prefetch=False):
+def torch_step_loop(emb, opt, pool, steps, prefetch=None):
+    """prefetch: None, 0 (the next rows with the step's push_pull) or 1 (read on a background thread
+    during the step, one own step stale at most)."""
     import torch
     times = []
     for k in range(steps):
         ids = torch.from_numpy(pool[k % len(pool)])
         t0 = time.perf_counter()
         opt.zero_grad()
-        h = emb(ids.view(-1, BAG)).mean(1)
+        if prefetch == 1:
+            h = emb(ids.view(-1, BAG))
+            emb.prefetch(torch.from_numpy(pool[(k + 1) % len(pool)]), staleness=1)
+            h = h.mean(1)
+        else:
+            h = emb(ids.view(-1, BAG)).mean(1)
         (h ** 2).sum().backward()
-        if prefetch:
+        if prefetch == 0:
             emb.prefetch(torch.from_numpy(pool[(k + 1) % len(pool)]))
         opt.step()
         times.append(time.perf_counter() - t0)
@@ -145,7 +154,8 @@ def main():
             rnd["core"] = run_core(client, "emb_core", pool, args.steps, False)
             rnd["core_pp"] = run_core(client, "emb_core", pool, args.steps, True)
             rnd["torch"] = torch_step_loop(emb, opt, pool, args.steps)
-            rnd["torch_pf"] = torch_step_loop(emb, opt, pool, args.steps, prefetch=True)
+            rnd["torch_pf"] = torch_step_loop(emb, opt, pool, args.steps, prefetch=0)
+            rnd["torch_pf1"] = torch_step_loop(emb, opt, pool, args.steps, prefetch=1)
             rnd["local"] = torch_step_loop(local, local_opt, pool, args.steps)
             rnd["workers2"] = run_workers(servers[0].address, args.rows, args.steps, 2)
             res["rounds"].append(rnd)
@@ -163,7 +173,7 @@ def main():
                       for rnd in res["rounds"])
         return [statistics.median(vals), vals[0], vals[-1]]
     res["summary"] = {
-        **{f"{k}_ms": per_round(lambda m, r, k=k: m[k] * 1e3) for k in ("core", "core_pp", "torch", "torch_pf", "local")},
+        **{f"{k}_ms": per_round(lambda m, r, k=k: m[k] * 1e3) for k in VARIANTS},
         "torch_over_core": per_round(lambda m, r: m["torch"] / m["core"]),
         "torch_prefetch_over_core_push_pull": per_round(lambda m, r: m["torch_pf"] / m["core_pp"]),
         "one_worker_vs_local": per_round(lambda m, r: m["local"] / m["torch"]),
@@ -188,6 +198,8 @@ def main():
             f"| sparseps.torch: Embedding + SparseAdam.step() | {mr(x['torch_ms'], '{:.1f}')} |",
             f"| sparseps.torch with prefetch(next ids): the step's push_pull reads the next rows | "
             f"{mr(x['torch_pf_ms'], '{:.1f}')} |",
+            f"| sparseps.torch with prefetch(next ids, staleness=1): read on a background thread | "
+            f"{mr(x['torch_pf1_ms'], '{:.1f}')} |",
             f"| local: nn.Embedding(sparse=True) + torch.optim.SparseAdam | {mr(x['local_ms'], '{:.1f}')} |",
             "", f"- sparseps.torch / core pull+push: **{mr(x['torch_over_core'])}x** (goal <= 1.2x); "
                 f"with prefetch / core push_pull: {mr(x['torch_prefetch_over_core_push_pull'])}x",
