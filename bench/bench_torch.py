@@ -186,8 +186,8 @@ def main():
         def mr(v, fmt="{:.2f}"):
             return f"{fmt.format(v[0])} [{fmt.format(v[1])}, {fmt.format(v[2])}]"
         return "\n".join([
-            f"# sparseps.torch step cost ({m['date_utc']} UTC, {m.get('cpu', '?')}, {m['cpus']} CPUs, torch {res['torch']}, "
-            f"load average at start {m['loadavg_start'][0]:.1f})",
+            f"# sparseps.torch step cost ({m['date_utc']} UTC, {m.get('cpu', '?')}, {m['cpus']} CPUs, "
+            f"torch {res['torch']}, load average at start {m['loadavg_start'][0]:.1f})",
             "", f"`{m['command']}`: {res['args']['rows']:,} x {DIM} float32, {BATCH} ids per step "
                 f"({BATCH // BAG} bags of {BAG}), SparseAdam numbers, one numba shard; per round the median of "
                 f"{res['args']['steps']} steps; median [min, max] over {res['args']['rounds']} rounds, ratios taken "

@@ -49,7 +49,8 @@ class Model(nn.Module):
 
 OPTIMIZERS = {
     "SparseAdam": (torch.optim.SparseAdam, spt.SparseAdam, {"lr": 0.05, "betas": (0.8, 0.99)}, False),
-    "Adagrad": (torch.optim.Adagrad, spt.Adagrad, {"lr": 0.1, "lr_decay": 0.01, "initial_accumulator_value": 0.1}, False),
+    "Adagrad": (torch.optim.Adagrad, spt.Adagrad,
+                {"lr": 0.1, "lr_decay": 0.01, "initial_accumulator_value": 0.1}, False),
     "SGD": (torch.optim.SGD, spt.SGD, {"lr": 0.1}, True),
 }
 

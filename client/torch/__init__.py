@@ -284,13 +284,15 @@ class EmbeddingBag(_Table):
         self._check_ids(input, "input")
         if input.dim() == 2:
             if offsets is not None:
-                raise ValueError(f"EmbeddingBag {self.name!r}: offsets must be None for a 2-D input (fixed-length bags)")
+                raise ValueError(f"EmbeddingBag {self.name!r}: offsets must be None for a 2-D input "
+                                 "(fixed-length bags)")
         elif input.dim() == 1:
             if offsets is None:
                 raise ValueError(f"EmbeddingBag {self.name!r}: a 1-D input needs offsets (the start of every bag)")
             self._check_offsets(input, offsets)
         else:
-            raise ValueError(f"EmbeddingBag {self.name!r}: input must be 1-D (with offsets) or 2-D, got {input.dim()}-D")
+            raise ValueError(f"EmbeddingBag {self.name!r}: input must be 1-D (with offsets) or 2-D, "
+                             f"got {input.dim()}-D")
         if per_sample_weights is not None:
             if self.mode != "sum":
                 raise NotImplementedError(f"EmbeddingBag {self.name!r}: per_sample_weights only with mode='sum' "
