@@ -87,8 +87,10 @@ def parity(client, unique, kind, steps=12):
 
     ours = Model(spt.Embedding(N, D, client=client, name=f"{unique}_a", initial_value=init_a),
                  spt.Embedding(10, D, client=client, name=f"{unique}_b", initial_value=init_b))
-    opt = our_cls([ours.a.table, ours.b.table], **kw)
-    losses = train(ours, opt, torch.optim.SGD(ours.mlp.parameters(), lr=0.05),
+    assert spt.cluster_parameters(ours) == [ours.a.table, ours.b.table]
+    assert spt.local_parameters(ours) == list(ours.mlp.parameters())
+    opt = our_cls(spt.cluster_parameters(ours), **kw)
+    losses = train(ours, opt, torch.optim.SGD(spt.local_parameters(ours), lr=0.05),
                    torch.optim.lr_scheduler.StepLR(opt, 4, 0.5), data)
 
     a = client.variable(f"{unique}_a").numpy()

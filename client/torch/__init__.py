@@ -27,7 +27,8 @@ from torch import nn
 
 from .. import errors
 
-__all__ = ["Embedding", "DynamicEmbedding", "EmbeddingBag", "Linear", "SparseAdam", "Adagrad", "SGD", "Optimizer"]
+__all__ = ["Embedding", "DynamicEmbedding", "EmbeddingBag", "Linear", "SparseAdam", "Adagrad", "SGD", "Optimizer",
+           "cluster_parameters", "local_parameters"]
 
 _DTYPES = {torch.float32: "float32", torch.float64: "float64"}
 _INT_IDS = (torch.int64, torch.int32)
@@ -387,6 +388,24 @@ class Linear(nn.Module):
     def extra_repr(self):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.has_bias}, " \
                f"name={self.name!r}"
+
+
+def _on_cluster(p) -> bool:
+    return isinstance(getattr(p, "_sparseps_table", None), (_Table, Linear))
+
+
+def cluster_parameters(module: nn.Module) -> list:
+    """The parameters of `module`'s sparseps modules (what a sparseps.torch optimizer takes).
+
+        opt = spt.SparseAdam(spt.cluster_parameters(model), lr=1e-3)
+        dense_opt = torch.optim.Adam(spt.local_parameters(model), lr=1e-3)
+    """
+    return [p for p in module.parameters() if _on_cluster(p)]
+
+
+def local_parameters(module: nn.Module) -> list:
+    """Every other parameter of `module` (for a torch optimizer, or DistributedDataParallel)."""
+    return [p for p in module.parameters() if not _on_cluster(p)]
 
 
 # ------------------------------------------------------------------------------------ optimizers
