@@ -3,6 +3,7 @@
     sparseps status 127.0.0.1:50051        # variables, optimizers, iterations of every shard
     sparseps demo                          # train a small model against a local server
     sparseps demo --dynamic                # a CTR model on hashed 64-bit ids in dynamic tables
+    sparseps demo --torch --workers 2      # a DLRM-like model in PyTorch (sparseps.torch), two workers
     sparseps cluster up --shards 3         # run a local cluster until Ctrl-C (client/cluster.py)
     sparseps export-tf ADDR --out DIR      # TensorFlow checkpoint of an optimizer's state (import-tf: back)
     sparseps export ADDR --variable emb --out rows.npz   # a dynamic variable's live rows (client/export.py)
@@ -132,6 +133,9 @@ def main(argv=None):
     if argv[:1] == ["demo"] and "--dynamic" in argv[1:]:     # the example takes its own options
         from .demo import run_dynamic
         return run_dynamic([a for a in argv[1:] if a != "--dynamic"])
+    if argv[:1] == ["demo"] and "--torch" in argv[1:]:
+        from .demo import run_torch
+        return run_torch([a for a in argv[1:] if a != "--torch"])
     p = argparse.ArgumentParser(prog="sparseps", description="Talk to a sparseps cluster.")
     sub = p.add_subparsers(dest="cmd", required=True)
     s = _command(sub, "status", _status, "show variables, optimizers and iterations (dynamic: policy, counters)")

@@ -5,6 +5,7 @@
     sparseps demo --address h1:50051,h2:50051       # an existing cluster (all its shards)
     sparseps demo --keras                           # the same model through sparseps.keras (TensorFlow)
     sparseps demo --dynamic                         # examples/train_hashed_ctr.py: hashed 64-bit ids, dynamic tables
+    sparseps demo --torch --workers 2               # examples/train_torch_ctr.py: PyTorch (sparseps.torch), DLRM-like
 
 The data come from a known model -- user and item factors, item biases, Zipf item and user
 popularity -- so the demo reports how well the truth is recovered (correlation of the learned
@@ -44,6 +45,9 @@ def add_arguments(p):
                    help="instead: a CTR model on hashed 64-bit ids in dynamic tables under eviction "
                         "(examples/train_hashed_ctr.py, TensorFlow); its own options follow: "
                         "sparseps demo --dynamic --help")
+    p.add_argument("--torch", action="store_true",
+                   help="instead: a DLRM-like CTR model in PyTorch through sparseps.torch "
+                        "(examples/train_torch_ctr.py; its options: sparseps demo --torch --help)")
     p.add_argument("--plot", default=None, metavar="PATH", help="write the loss curves to this PNG")
     p.add_argument("--name", default=None, help="prefix of the cluster's variable names (default demo<seed>)")
     p.add_argument("--seed", type=int, default=0)
@@ -302,18 +306,27 @@ def _progress(total, desc, position=0, disable=False):
         return Plain()
 
 
-def run_dynamic(argv) -> int:
-    """`sparseps demo --dynamic ARGS`: examples/train_hashed_ctr.py's main(ARGS), from the source tree."""
+def _run_example(filename: str, argv, flag: str, extras: str) -> int:
+    """examples/<filename>'s main(argv), from the source tree (what `sparseps demo <flag>` runs)."""
     import importlib.util
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples",
-                        "train_hashed_ctr.py")
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", filename)
     if not os.path.exists(path):
-        raise SystemExit(f"sparseps demo --dynamic runs examples/train_hashed_ctr.py of a source checkout of "
-                         f"sparseps, not found at {path}; run it from the repository (pip install -e '.[tf]')")
-    spec = importlib.util.spec_from_file_location("train_hashed_ctr", path)
+        raise SystemExit(f"sparseps demo {flag} runs examples/{filename} of a source checkout of "
+                         f"sparseps, not found at {path}; run it from the repository (pip install -e '.[{extras}]')")
+    spec = importlib.util.spec_from_file_location(filename[:-3], path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.main(list(argv), prog="sparseps demo --dynamic")
+    return module.main(list(argv), prog=f"sparseps demo {flag}")
+
+
+def run_dynamic(argv) -> int:
+    """`sparseps demo --dynamic ARGS`: examples/train_hashed_ctr.py's main(ARGS)."""
+    return _run_example("train_hashed_ctr.py", argv, "--dynamic", "tf")
+
+
+def run_torch(argv) -> int:
+    """`sparseps demo --torch ARGS`: examples/train_torch_ctr.py's main(ARGS) (needs torch)."""
+    return _run_example("train_torch_ctr.py", argv, "--torch", "dev")
 
 
 def run(args):

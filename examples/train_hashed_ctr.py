@@ -180,14 +180,22 @@ def main(argv=None, prog=None):
     add_arguments(p)
     args = p.parse_args(argv)
     args.name = args.name or f"ctr{args.seed}"
+    return on_cluster(args, train)
+
+
+def on_cluster(args, train_fn, connect=True):
+    """train_fn(client, args) on args.address, or on a local server started (and stopped) here when
+    there is none; connect=False: train_fn(args), which connects itself (worker processes)."""
     server = None
     if args.address is None:
         server = LocalServer("--backend", "numba")
         args.address = server.address
         print(f"started a local sparseps-server at {args.address} (pid {server.pid})", flush=True)
     try:
+        if not connect:
+            return train_fn(args)
         with sparseps.connect(args.address) as client:
-            return train(client, args)
+            return train_fn(client, args)
     finally:
         if server is not None:
             server.stop()

@@ -434,6 +434,10 @@ class Shard:
                 if var.table is not None:
                     raise InvalidArgument(f"push: {name!r} is a dynamic variable: its gradients are sparse "
                                           "(keys, rows); a dense gradient needs a fixed table")
+                opt = self.optimizers.get(var.optimizer)
+                if getattr(opt and opt.impl, "sparse_only", False):
+                    raise InvalidArgument(f"push: {name!r} is updated by {opt.impl.class_names[0]}, which takes sparse "
+                                          "gradients (ids, rows) only")
                 local = None
                 want = (var.local_rows,) + var.shape[1:]
                 if values.shape != want:

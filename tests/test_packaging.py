@@ -25,7 +25,7 @@ def test_wheel_holds_the_three_folders_under_one_namespace(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     for required in ("sparseps/__init__.py", "sparseps/client.py", "sparseps/server/main.py",
                      "sparseps/server/optimizers/lazy_adam.py", "sparseps/server/backends/fused.py",
-                     "sparseps/proto/sparseps_pb2.py", "sparseps/proto/sparseps.proto"):
+                     "sparseps/proto/sparseps_pb2.py", "sparseps/proto/sparseps.proto", "sparseps/torch/__init__.py"):
         assert required in names, f"{required} missing from {wheel.name}"
     assert not [n for n in names if n.startswith(("client/", "server/", "proto/", "tests/"))]
     entry = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()

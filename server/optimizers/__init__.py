@@ -18,6 +18,9 @@ from .rectified_adam import RectifiedAdam
 from .rmsprop import Keras3RMSprop, RMSprop
 from .registry import from_config, register, resolve, supported
 from .sgd import SGD
+from .torch_adagrad import TorchAdagrad
+from .torch_sgd import TorchSGD
+from .torch_sparse_adam import TorchSparseAdam
 
 register(LazyAdam)
 register(Adam, keras2=KerasAdam, keras3=Keras3Adam)
@@ -28,7 +31,10 @@ register(LazyAdamV1)
 register(Adagrad, keras3=Keras3Adagrad)
 register(Ftrl, keras3=Keras3Ftrl)
 register(RMSprop, keras3=Keras3RMSprop)
+register(TorchSparseAdam)
+register(TorchAdagrad)
+register(TorchSGD)
 
 __all__ = ["Adagrad", "Adam", "Ftrl", "Keras3Adagrad", "Keras3Adam", "Keras3Ftrl", "Keras3RMSprop", "Keras3SGD",
            "KerasAdam", "KerasSGD", "LazyAdam", "LazyAdamV1", "Lookahead", "Optimizer", "RMSprop", "RectifiedAdam",
-           "SGD", "from_config", "register", "resolve", "supported"]
+           "SGD", "TorchAdagrad", "TorchSGD", "TorchSparseAdam", "from_config", "register", "resolve", "supported"]

@@ -5,6 +5,7 @@
 #   SKIP_TF1=1      do not try to build / use the TF 1.15 env (tf1contrib_* files are then kept
 #                   as they are; contrib_lazyadam_v1_* still come from the compat.v1 re-statement)
 #   SKIP_KERAS3=1   skip the Keras 3 (TF 2.21, project .venv) configs and trajectories
+#   SKIP_TORCH=1    skip the torch 2.13 (project .venv) trajectories in tests/golden/torch/
 # Runs the generators one after another (never in parallel).
 set -eu
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
@@ -36,6 +37,13 @@ if [ "${SKIP_KERAS3:-0}" != "1" ] && [ -x .venv/bin/python ] \
   .venv/bin/python "$HERE/keras3_configs.py"
 else
   echo "!! project .venv has no TensorFlow/Keras 3: keras3_* not regenerated"
+fi
+
+if [ "${SKIP_TORCH:-0}" != "1" ] && [ -x .venv/bin/python ] && .venv/bin/python -c 'import torch' >/dev/null 2>&1; then
+  echo "== torch 2.13 (project .venv) sparse optimizers -> tests/golden/torch/"
+  (cd "$HERE" && ../../.venv/bin/python torch_golden.py)
+else
+  echo "!! project .venv has no torch: torch_* not regenerated"
 fi
 
 echo "== checking"
