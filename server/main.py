@@ -267,6 +267,8 @@ def serve(args, ready: threading.Event | None = None):
     if args.coordinator:
         from . import replication
         replica = gate.replica = replication.attach(args, pipeline)
+        if metrics is not None:
+            replication.register_metrics(replica, metrics)
         server.add_generic_rpc_handlers((replica.handler(),))
     service = ParameterServerService(shard, cluster, metrics=metrics, pushes=pipeline, threads=args.threads)
     service.max_message = limit

@@ -222,6 +222,7 @@ class Replica:
         self.lag_records, self.behind_since = 0, None
         self.failovers = 0
         self.address, self.data_port = "", 0
+        self.ack_wait = None          # histogram of the waits for in-sync replicas (with --metrics-port)
         self._stop = threading.Event()
 
     # ------------------------------------------------------------------ lifecycle
@@ -313,9 +314,8 @@ class Replica:
         if not self.coord.holds_lease():
             raise errors.Unavailable(f"shard {self.shard_index}: this leader's etcd lease may have expired before "
                                      f"record {lsn} was acknowledged; retry on the leader")
-        metrics = self.pipeline.metrics
-        if metrics is not None and hasattr(metrics, "replication_wait"):
-            metrics.replication_wait(time.monotonic() - started)
+        if self.ack_wait is not None:
+            self.ack_wait.observe(time.monotonic() - started)
 
     def fetch(self, data: bytes, context) -> bytes:
         """The Replication/Fetch handler (bytes in, bytes out: no generated code)."""
@@ -542,6 +542,52 @@ class Replica:
                 self.coord.publish(self.status())
             except Exception:
                 pass
+
+
+ROLES = ("leader", "follower", "serving")
+
+
+class _Collector:
+    """Replication gauges, read at scrape time (docs/replication.md lists them)."""
+
+    def __init__(self, replica: Replica, shard_label: str):
+        self.r, self.sl = replica, shard_label
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+        r, sl = self.r, self.sl
+        st = r.status()
+        role = GaugeMetricFamily("sparseps_replica_role", "1 for this replica's role", labels=["shard", "role"])
+        for name in ROLES:
+            role.add_metric([sl, name], 1 if st["role"] == name else 0)
+        out = [role]
+        for name, doc, value in (
+                ("epoch", "Leader epoch this replica leads or follows (etcd revision)", st["epoch"]),
+                ("log_end", "Last record in this replica's write-ahead log", st["lsn"]),
+                ("lag_records", "Records this follower is behind its leader", st["lag_records"]),
+                ("lag_seconds", "Seconds since this follower was last caught up (0 when it is)", st["lag_seconds"]),
+                ("in_sync", "Leader: replicas in the in-sync set, itself included (0 elsewhere)", st["in_sync"] or 0),
+                ("min_insync", "--min-insync-replicas", r.k)):
+            g = GaugeMetricFamily(f"sparseps_replica_{name}", doc, labels=["shard"])
+            g.add_metric([sl], value)
+            out.append(g)
+        c = CounterMetricFamily("sparseps_replica_leaderships", "Times this replica became leader", labels=["shard"])
+        c.add_metric([sl], r.failovers)
+        return out + [c]
+
+
+def register_metrics(replica: Replica, metrics):
+    """Add the replication metrics to a shard's registry (server/metrics.py)."""
+    from prometheus_client import Histogram
+
+    from .metrics import PUSH_BUCKETS
+    replica.ack_wait = Histogram("sparseps_replication_ack_wait_seconds",
+                                 "Leader: a push's wait, after it is durable here, for every in-sync replica",
+                                 ["shard"], buckets=PUSH_BUCKETS, registry=metrics.registry).labels(metrics.shard_label)
+    metrics.registry.register(_Collector(replica, metrics.shard_label))
 
 
 def _checkpoint_lsn(path: str) -> int:

@@ -68,11 +68,12 @@ class Shard:
             self.start(f"r{i}")
 
     def start(self, name, *args):
-        port, = free_ports(1)
+        port, metrics_port = free_ports(2)
         self.servers[name] = LocalServer(
             "--backend", "numba", "--coordinator", self.etcd, "--cluster", self.cluster, "--shard-index",
             str(self.index), "--num-shards", str(self.num_shards), "--data-dir", os.path.join(self.root, name),
-            "--min-insync-replicas", str(self.k), *self.extra, *args, port=port)
+            "--min-insync-replicas", str(self.k), "--metrics-port", str(metrics_port), *self.extra, *args, port=port)
+        self.servers[name].metrics_port = metrics_port
         return self.servers[name]
 
     def view(self):
@@ -365,5 +366,14 @@ def test_bad_replication_input_and_serving_replica(etcd):
             assert any(f"role={role} epoch={epoch} pid={srv.pid} address={srv.address}" in ln for ln in lines), \
                 out.stdout
         assert "optimizer opt" in out.stdout
+        for srv, lines in ((leader, ['sparseps_replica_role{role="leader",shard="0"} 1.0',
+                                     'sparseps_replica_in_sync{shard="0"} 3.0',
+                                     f'sparseps_replica_epoch{{shard="0"}} {float(epoch)}',
+                                     'sparseps_replication_ack_wait_seconds_count{shard="0"}']),
+                           (serving, ['sparseps_replica_role{role="serving",shard="0"} 1.0',
+                                      'sparseps_replica_lag_records{shard="0"} 0.0', 'sparseps_replica_lag_seconds'])):
+            text = urllib.request.urlopen(f"http://127.0.0.1:{srv.metrics_port}/metrics", timeout=10).read().decode()
+            for line in lines:
+                assert line in text, (line, [ln for ln in text.splitlines() if "replica" in ln])
     finally:
         shard.stop()
