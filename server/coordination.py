@@ -138,24 +138,22 @@ class Coordinator:
         self._thread.start()
 
     def _keepalive(self):
-        failures_since = None
+        """Renew the lease every ttl/4. etcd unreachable: keep trying (holds_lease() turns false
+        once ttl has passed, so a leader stops acknowledging); only etcd saying the lease is gone
+        ends this replica's seat."""
         while not self._stop.wait(self.ttl / 4):
             sent = time.monotonic()
             try:
                 ttl = self._renewer.refresh(self.lease)
-            except Exception as e:   # etcd unreachable: keep trying until the lease would be gone
-                failures_since = failures_since or sent
+            except Exception as e:
                 log.warning("cannot renew the etcd lease (%s)", e)
-                ttl = 1 if sent < self.valid_until else -1
-                if ttl > 0:
-                    continue
+                continue
             if ttl <= 0:
                 self.lost = True
                 log.error("etcd lease %x expired: this replica no longer holds its seat", self.lease)
                 if self.on_lost is not None:
                     self.on_lost()
                 return
-            failures_since = None
             self.valid_until = sent + self.ttl
 
     def holds_lease(self) -> bool:

