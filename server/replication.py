@@ -512,15 +512,16 @@ class Replica:
         self.wal.wait_durable(records[-1][0])
 
     def _truncate_and_restart(self, lsn: int):
-        """Drop a tail the leader does not have; a checkpoint past it means starting empty."""
+        """Drop a tail the leader does not have; a checkpoint past it means starting empty (as a new
+        replica: the in-sync set must not count one that holds nothing)."""
         ckpts = self.pipeline.checkpoints
         latest = ckpts.latest() if ckpts is not None else None
         self.wal.close()
         if latest and _checkpoint_lsn(latest) > lsn:
+            # Start empty, under a new replica id: an empty replica must not count as in sync.
             for name in os.listdir(self.data_dir):
-                if name not in ("replica-id",):
-                    path = os.path.join(self.data_dir, name)
-                    shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+                path = os.path.join(self.data_dir, name)
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
         else:
             self.wal.truncate_after(lsn)
         self.restart(f"its log had records after {lsn} that the leader of epoch {self.epoch} does not have")

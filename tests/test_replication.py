@@ -180,22 +180,35 @@ class Workers:
             c.close()
 
 
-def setup_counts(address, n, optimizer="SGD", **config):
-    with sparseps.connect(address, retry_deadline=30) as c:
-        c.create_optimizer("opt", optimizer, learning_rate=1.0, **config)
-        c.create_variable("counts", initial_value=np.zeros((n, 1), np.float32), optimizer="opt")
+def counting_shard(etcd, cluster, rows, optimizer="SGD", before=lambda shard: None, **kw):
+    """(a 3-replica shard in sync, its etcd:// address), with optimizer "opt" (learning rate 1)
+    and a variable "counts" of `rows` zeros. before(shard): more replicas to start first."""
+    shard = Shard(etcd, cluster, **kw)
+    try:
+        before(shard)
+        shard.wait_in_sync(3)
+        address = f"{etcd}/{cluster}"
+        with sparseps.connect(address, retry_deadline=30) as c:
+            c.create_optimizer("opt", optimizer, learning_rate=1.0)
+            c.create_variable("counts", initial_value=np.zeros((rows, 1), np.float32), optimizer="opt")
+        return shard, address
+    except BaseException:
+        shard.stop()
+        raise
+
+
+def pushing(etcd, cluster, workers=4, **kw):
+    """(a counting shard, its address, `workers` Workers pushing to it)."""
+    shard, address = counting_shard(etcd, cluster, workers, **kw)
+    return shard, address, Workers(address, workers)
 
 
 def test_kill9_leader_under_pushing_workers(etcd):
     """kill -9 of the leader while 4 workers push: a follower leads within seconds, training goes
     on through the same etcd:// clients, 0 acknowledged pushes lost, 0 applied twice, and the
     surviving replicas are bit-identical."""
-    shard = Shard(etcd, "kill9")
+    shard, address, workers = pushing(etcd, "kill9")
     try:
-        shard.wait_in_sync(3)
-        address = f"{etcd}/kill9"
-        setup_counts(address, 4)
-        workers = Workers(address, 4)
         time.sleep(1.5)
         old = shard.leader()
         old_id = shard.view()["leader"]["id"]
@@ -222,12 +235,8 @@ def test_acknowledged_pushes_survive_while_one_in_sync_replica_does(etcd):
     and the other follower are killed -9. The paused follower, the last in-sync replica, leads:
     it has every acknowledged push (pushes waited for it), and the killed follower, restarted,
     truncates the tail it got that was never acknowledged and catches up."""
-    shard = Shard(etcd, "last", extra=["--replica-lag-max-ms", "4000"])
+    shard, address, workers = pushing(etcd, "last", extra=["--replica-lag-max-ms", "4000"])
     try:
-        shard.wait_in_sync(3)
-        address = f"{etcd}/last"
-        setup_counts(address, 4)
-        workers = Workers(address, 4)
         time.sleep(1.0)
         view = shard.view()
         leader = shard.by_pid(view["leader"]["pid"])
@@ -255,11 +264,8 @@ def test_sigstopped_leader_is_fenced_after_sigcont(etcd):
     """SIGSTOP the leader past its lease: a follower takes over; after SIGCONT the old leader
     acknowledges nothing (a push that reached it while stopped is refused), rejoins as a follower
     and ends equal to the new leader. --min-insync-replicas 1: the lease check alone fences it."""
-    shard = Shard(etcd, "stop", k=1)
+    shard, address = counting_shard(etcd, "stop", 2, k=1)
     try:
-        shard.wait_in_sync(3)
-        address = f"{etcd}/stop"
-        setup_counts(address, 2)
         with sparseps.connect(address, retry_deadline=30) as c:
             for _ in range(5):
                 c.push({"counts": (np.array([0]), -np.ones((1, 1), np.float32))})
@@ -299,11 +305,8 @@ def test_min_insync_refusal_and_catch_up_bit_identical(etcd):
     """K=2 of 3 with Adam (slots): kill -9 both followers and pushes are refused with UNAVAILABLE
     saying why; restart one on its data dir: pushes go on; add a replica on an empty data dir: it
     catches up; every replica's variable and slots are bit-identical to the leader's."""
-    shard = Shard(etcd, "isr")
+    shard, address = counting_shard(etcd, "isr", 4, optimizer="Adam")
     try:
-        shard.wait_in_sync(3)
-        address = f"{etcd}/isr"
-        setup_counts(address, 4, optimizer="Adam")
         c = sparseps.connect(address, retry_deadline=30)
         rng = np.random.default_rng(0)
 
@@ -342,12 +345,9 @@ def test_bad_replication_input_and_serving_replica(etcd):
     status; followers refuse writes with UNAVAILABLE, a serving replica with FAILED_PRECONDITION;
     the serving replica follows the log, answers pulls (read_from="serving") and `sparseps status`
     shows every replica with its role, epoch and pid."""
-    shard = Shard(etcd, "bad")
+    shard, address = counting_shard(etcd, "bad", 2, before=lambda shard: shard.start("serving", "--role", "serving"))
+    serving = shard.servers["serving"]
     try:
-        serving = shard.start("serving", "--role", "serving")
-        shard.wait_in_sync(3)
-        address = f"{etcd}/bad"
-        setup_counts(address, 2)
         with sparseps.connect(address, retry_deadline=30) as c:
             for _ in range(7):
                 c.push({"counts": (np.array([1]), -np.ones((1, 1), np.float32))})
@@ -405,11 +405,8 @@ def test_etcd_outage_leader_stops_acknowledging_then_resumes(etcd):
     it refuses pushes (UNAVAILABLE, before logging them) once its lease may have expired, rather than risk a second
     leader; etcd back on its data dir: the leases are still there and pushes go on; nothing
     acknowledged is lost."""
-    shard = Shard(etcd, "outage")
+    shard, address = counting_shard(etcd, "outage", 1)
     try:
-        shard.wait_in_sync(3)
-        address = f"{etcd}/outage"
-        setup_counts(address, 1)
         acked = 0
         with sparseps.connect(address, retry_deadline=30) as c:
             for _ in range(10):
