@@ -50,6 +50,8 @@ log = logging.getLogger("sparseps.server")
 
 SERVICE = "sparseps.v1.Replication"
 FETCH = f"/{SERVICE}/Fetch"
+SNAPSHOT = f"/{SERVICE}/Snapshot"
+CHUNK = 1 << 20          # snapshot file bytes per streamed message
 WRITES = {"Push", "PushPull", "PushChunked", "CreateOptimizer", "CreateVariable", "SetWeights", "Evict",
           "SyncVote", "SyncCommit", "Checkpoint"}
 _REC = struct.Struct("<QI")
@@ -204,6 +206,7 @@ class Replica:
         self.serving = args.role == "serving"
         self.role = "serving" if self.serving else "follower"
         self.lag_max = args.replica_lag_max_ms / 1000.0
+        self.max_message = args.max_message_mb << 20
         self.data_dir = args.data_dir
         self.id = replica_id(args.data_dir)
         self.history = EpochHistory(os.path.join(args.data_dir, "epochs.json"))
@@ -324,18 +327,47 @@ class Replica:
         except errors.Error as e:
             context.abort(e.code, e.message)
 
-    def _fetch(self, req: dict) -> bytes:
+    def _check(self, req: dict) -> dict:
+        """A replication request for this cluster, shard and epoch, sent to the leader (or refused)."""
         if req["cluster"] != self.cluster or req["shard"] != self.shard_index:
             raise errors.FailedPrecondition(
-                f"replication fetch for cluster {req['cluster']!r} shard {req['shard']}; this is cluster "
+                f"replication request for cluster {req['cluster']!r} shard {req['shard']}; this is cluster "
                 f"{self.cluster!r} shard {self.shard_index}")
         if self.role != "leader":
             raise errors.FailedPrecondition(f"replica {self.id} is not the leader of shard {self.shard_index}")
         if req["epoch"] != self.epoch:
             if req["epoch"] > self.epoch:
                 threading.Thread(target=self.restart, args=(f"a follower follows epoch {req['epoch']}",)).start()
-            raise errors.FailedPrecondition(f"replication fetch of epoch {req['epoch']}; this leader's epoch is "
+            raise errors.FailedPrecondition(f"replication request of epoch {req['epoch']}; this leader's epoch is "
                                             f"{self.epoch}")
+        return req
+
+    def snapshot(self, data: bytes, context):
+        """Replication/Snapshot: the leader's latest checkpoint, for a replica whose log ends before
+        the leader's oldest log segment. Streamed: a header, each file in chunks, then done."""
+        try:
+            self._check(_request(data))
+            ckpts = self.pipeline.checkpoints
+            path = ckpts.latest()
+            if path is None or _checkpoint_lsn(path) + 1 < self.wal.first_lsn():
+                path = ckpts.save()[0]
+        except errors.Error as e:
+            context.abort(e.code, e.message)
+        yield encode_batch({"name": os.path.basename(path), "epochs": self.history.entries})
+        for root, _, names in os.walk(path):
+            for name in sorted(names):
+                full = os.path.join(root, name)
+                rel = os.path.relpath(full, path)
+                with open(full, "rb") as f:
+                    while True:
+                        chunk = f.read(CHUNK)
+                        yield encode_batch({"file": rel}, [(0, chunk)])
+                        if len(chunk) < CHUNK:
+                            break
+        yield encode_batch({"done": True})
+
+    def _fetch(self, req: dict) -> bytes:
+        self._check(req)
         end = self.wal.lsn
         if req.get("handshake"):
             return encode_batch({"truncate_to": min(req["lsn"], self.history.end_of(int(req.get("last_epoch", 0)), end)),
@@ -369,7 +401,9 @@ class Replica:
         return encode_batch(header, out)
 
     def handler(self):
-        return grpc.method_handlers_generic_handler(SERVICE, {"Fetch": grpc.unary_unary_rpc_method_handler(self.fetch)})
+        return grpc.method_handlers_generic_handler(SERVICE, {
+            "Fetch": grpc.unary_unary_rpc_method_handler(self.fetch),
+            "Snapshot": grpc.unary_stream_rpc_method_handler(self.snapshot)})
 
     def _maintain_isr(self):
         """Leader: drop members that fell behind for lag_max (in etcd first), add caught-up followers."""
@@ -466,7 +500,9 @@ class Replica:
             self._lead(epoch, isr)
 
     def _follow(self, leader: dict):
-        channel = grpc.insecure_channel(leader["address"])
+        limit = self.max_message + (1 << 20)
+        channel = grpc.insecure_channel(leader["address"], [("grpc.max_receive_message_length", limit),
+                                                            ("grpc.max_send_message_length", limit)])
         try:
             fetch = channel.unary_unary(FETCH)
             self.leader, self.epoch = leader, leader["epoch"]
@@ -479,18 +515,13 @@ class Replica:
             if hs["truncate_to"] < self.wal.lsn:
                 self._truncate_and_restart(hs["truncate_to"])
             if self.wal.lsn + 1 < hs["first_lsn"]:
-                log.error("shard %d: the leader's log starts at record %d, this replica's ends at %d: it needs a "
-                          "snapshot transfer, which is not implemented; start it on an empty data dir after the "
-                          "leader's next checkpoint is older than its log", self.shard_index, hs["first_lsn"],
-                          self.wal.lsn)
-                self._stop.wait(5)
-                return
+                self._install_snapshot(channel, base)
             self.history.adopt(hs["epochs"], self.wal.lsn)
             while not self._stop.is_set():
                 data = fetch(json.dumps(dict(base, lsn=self.wal.durable_lsn, wait_ms=WAIT_MS)).encode(), timeout=timeout)
                 header, records = decode_batch(data)
                 if header.get("snapshot"):
-                    return
+                    self._install_snapshot(channel, base)
                 self._apply(records)
                 lag = header["lsn"] - self.wal.lsn
                 self.lag_records = max(0, lag)
@@ -510,6 +541,44 @@ class Replica:
                 self.pipeline.apply_record(lsn, payload)
                 self.pipeline.pushes_since_checkpoint += 1
         self.wal.wait_durable(records[-1][0])
+
+    def _install_snapshot(self, channel, base: dict):
+        """Replace this replica's checkpoints and log with the leader's latest checkpoint, then
+        restart from it (and fetch the log after it)."""
+        ckdir = os.path.join(self.data_dir, "checkpoints")
+        stream = channel.unary_stream(SNAPSHOT)(json.dumps(dict(base, lsn=self.wal.lsn)).encode(), timeout=3600)
+        header, _ = decode_batch(next(stream))
+        log.info("shard %d: this replica's log ends before the leader's; installing its checkpoint %s",
+                 self.shard_index, header["name"])
+        tmp = os.path.join(self.data_dir, "snapshot.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        done = False
+        for data in stream:
+            part, records = decode_batch(data)
+            if part.get("done"):
+                done = True
+                break
+            path = os.path.join(tmp, part["file"])
+            if os.path.relpath(path, tmp).startswith(".."):
+                raise RuntimeError(f"snapshot file {part['file']!r} outside the checkpoint")
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "ab") as f:
+                f.write(records[0][1])
+        if not done:
+            raise RuntimeError("the snapshot stream ended early")
+        for root, _, names in os.walk(tmp):
+            for name in names:
+                with open(os.path.join(root, name), "rb+") as f:
+                    os.fsync(f.fileno())
+        self.wal.close()
+        for _, seg in self.wal.segments():
+            os.remove(seg)
+        shutil.rmtree(ckdir, ignore_errors=True)
+        os.makedirs(ckdir)
+        os.replace(tmp, os.path.join(ckdir, header["name"]))
+        fsync_path(ckdir)
+        self.history.adopt(header["epochs"], 0)
+        self.restart(f"installed the leader's checkpoint {header['name']}")
 
     def _truncate_and_restart(self, lsn: int):
         """Drop a tail the leader does not have; a checkpoint past it means starting empty (as a new

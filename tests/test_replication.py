@@ -303,8 +303,10 @@ def test_sigstopped_leader_is_fenced_after_sigcont(etcd):
 
 def test_min_insync_refusal_and_catch_up_bit_identical(etcd):
     """K=2 of 3 with Adam (slots): kill -9 both followers and pushes are refused with UNAVAILABLE
-    saying why; restart one on its data dir: pushes go on; add a replica on an empty data dir: it
-    catches up; every replica's variable and slots are bit-identical to the leader's."""
+    saying why; restart one on its data dir: it catches up from the log and pushes go on; after a
+    checkpoint of the leader, a replica on an empty data dir catches up from the checkpoint
+    (snapshot transfer) and the log after it; every replica's variable and slots are bit-identical
+    to the leader's."""
     shard, address = counting_shard(etcd, "isr", 4, optimizer="Adam")
     try:
         c = sparseps.connect(address, retry_deadline=30)
@@ -329,8 +331,11 @@ def test_min_insync_refusal_and_catch_up_bit_identical(etcd):
         shard.start(name)                           # the same data dir: log catch-up
         shard.wait_in_sync(2)
         push(20)
-        shard.start("fresh")                        # an empty data dir: a new replica catches up
+        c.checkpoint()                              # the leader's log now starts after the checkpoint:
+        push(5)
+        shard.start("fresh")                        # so a replica on an empty data dir gets the checkpoint
         shard.wait_in_sync(3)
+        assert "installing its checkpoint" in shard.servers["fresh"].log()
         push(10)
         c.close()
         live = [s for s in shard.servers.values() if s.proc.poll() is None]
