@@ -207,6 +207,10 @@ class Replica:
         self.role = "serving" if self.serving else "follower"
         self.lag_max = args.replica_lag_max_ms / 1000.0
         self.max_message = args.max_message_mb << 20
+        from .auth import peer_credentials
+        self.credentials = peer_credentials(args)   # TLS as the server's own; a token of the `replica` role:
+        token = os.environ.get("SPARSEPS_REPLICA_TOKEN") or os.environ.get("SPARSEPS_PEER_TOKEN")
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else None
         self.data_dir = args.data_dir
         self.id = replica_id(args.data_dir)
         self.history = EpochHistory(os.path.join(args.data_dir, "epochs.json"))
@@ -501,10 +505,14 @@ class Replica:
 
     def _follow(self, leader: dict):
         limit = self.max_message + (1 << 20)
-        channel = grpc.insecure_channel(leader["address"], [("grpc.max_receive_message_length", limit),
-                                                            ("grpc.max_send_message_length", limit)])
+        options = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
+        channel = grpc.secure_channel(leader["address"], self.credentials, options) if self.credentials else \
+            grpc.insecure_channel(leader["address"], options)
         try:
-            fetch = channel.unary_unary(FETCH)
+            call = channel.unary_unary(FETCH)
+
+            def fetch(body, timeout):
+                return call(body, timeout=timeout, metadata=self.metadata)
             self.leader, self.epoch = leader, leader["epoch"]
             base = {"cluster": self.cluster, "shard": self.shard_index, "epoch": self.epoch, "id": self.id,
                     "serving": self.serving}
@@ -546,7 +554,8 @@ class Replica:
         """Replace this replica's checkpoints and log with the leader's latest checkpoint, then
         restart from it (and fetch the log after it)."""
         ckdir = os.path.join(self.data_dir, "checkpoints")
-        stream = channel.unary_stream(SNAPSHOT)(json.dumps(dict(base, lsn=self.wal.lsn)).encode(), timeout=3600)
+        stream = channel.unary_stream(SNAPSHOT)(json.dumps(dict(base, lsn=self.wal.lsn)).encode(), timeout=3600,
+                                                metadata=self.metadata)
         header, _ = decode_batch(next(stream))
         log.info("shard %d: this replica's log ends before the leader's; installing its checkpoint %s",
                  self.shard_index, header["name"])

@@ -594,14 +594,9 @@ pushes.KINDS[DECISION] = (pb.PushRequest, _replay("replay_decision"))
 
 def attach(pipeline, args=None) -> SyncManager:
     """Give the pipeline its sync hook; peers come from --cluster (TLS and a token as for clients)."""
+    from .auth import peer_credentials
     cluster = [a for a in (getattr(args, "cluster", "") or "").split(",") if a]
-    credentials = None
-    cert, key, ca = (getattr(args, n, None) for n in ("tls_cert", "tls_key", "tls_ca"))
-    if cert and key:
-        def read(p):
-            with open(p, "rb") as f:
-                return f.read()
-        credentials = grpc.ssl_channel_credentials(read(ca) if ca else None, read(key), read(cert))
+    credentials = peer_credentials(args)
     token = os.environ.get("SPARSEPS_PEER_TOKEN")
     metadata = (("authorization", f"Bearer {token}"),) if token else None
     max_message = (getattr(args, "max_message_mb", 256) or 256) << 20

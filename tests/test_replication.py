@@ -19,6 +19,7 @@ import urllib.request
 import grpc
 import numpy as np
 import pytest
+from test_security import _key, _pem_cert, _pem_key
 
 import sparseps
 from sparseps.local import LocalEtcd, LocalServer, free_ports
@@ -36,10 +37,10 @@ class Shard:
     """The replicas of one shard of a cluster, each a sparseps-server process with its own data dir
     and a fixed port (a replica that re-executes itself comes back on it)."""
 
-    def __init__(self, etcd, cluster, replicas=3, k=2, index=0, num_shards=1, extra=()):
+    def __init__(self, etcd, cluster, replicas=3, k=2, index=0, num_shards=1, extra=(), env=None):
         self.etcd, self.cluster, self.k, self.index, self.num_shards = str(etcd), cluster, k, index, num_shards
         self.root = tempfile.mkdtemp(prefix=f"repl-{cluster}-")
-        self.extra = list(extra)
+        self.extra, self.env = list(extra), env
         self.servers = {}
         for i in range(replicas):
             self.start(f"r{i}")
@@ -49,7 +50,8 @@ class Shard:
         self.servers[name] = LocalServer(
             "--backend", "numba", "--coordinator", self.etcd, "--cluster", self.cluster, "--shard-index",
             str(self.index), "--num-shards", str(self.num_shards), "--data-dir", os.path.join(self.root, name),
-            "--min-insync-replicas", str(self.k), "--metrics-port", str(metrics_port), *self.extra, *args, port=port)
+            "--min-insync-replicas", str(self.k), "--metrics-port", str(metrics_port), *self.extra, *args, port=port,
+            env=self.env)
         self.servers[name].metrics_port = metrics_port
         return self.servers[name]
 
@@ -89,13 +91,13 @@ def direct(server, **kw):
     return sparseps.connect(server.address, data_plane=False, **kw)
 
 
-def wait_equal(servers, name, rows, slots=(), timeout=20.0):
+def wait_equal(servers, name, rows, slots=(), timeout=20.0, **connect):
     """Every replica's variable (and slots) bit-identical to the first's; returns the values."""
     deadline = time.monotonic() + timeout
     while True:
         seen = []
         for s in servers:
-            with direct(s, retry_deadline=5) as c:
+            with direct(s, retry_deadline=5, **connect) as c:
                 seen.append([c.pull(name, rows)] + [c.pull(name, rows, slot=sl) for sl in slots])
         if all(all(a.tobytes() == b.tobytes() for a, b in zip(seen[0], x)) for x in seen[1:]):
             return seen[0]
@@ -387,5 +389,73 @@ def test_etcd_outage_leader_stops_acknowledging_then_resumes(etcd):
                 acked += 1
         values = wait_equal([s for s in shard.servers.values()], "counts", np.arange(1))[0][:, 0]
         assert values[0] == acked, (values, acked)   # the refused push was refused before it was logged
+    finally:
+        shard.stop()
+
+
+def test_replication_needs_the_replica_role_under_tls_and_tokens(etcd, tmp_path):
+    """Mutual TLS and tokens on: followers fetch over TLS with a token of the `replica` role
+    (SPARSEPS_REPLICA_TOKEN), so K=2 pushes are acknowledged; a fetch without a token is
+    UNAUTHENTICATED, with a `read` token PERMISSION_DENIED, and the replica token cannot push."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def cert(cn, key, issuer=None, issuer_key=None, ca=False):
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+        b = (x509.CertificateBuilder().subject_name(name).issuer_name(issuer.subject if issuer else name)
+             .public_key(key.public_key()).serial_number(x509.random_serial_number())
+             .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if not ca:   # a replica is a server to its followers and a client of its leader
+            b = b.add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                                critical=False).add_extension(x509.ExtendedKeyUsage(
+                                    [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        return b.sign(issuer_key or key, hashes.SHA256())
+
+    ca_key, key = _key(), _key()
+    ca = cert("replication test CA", ca_key, ca=True)
+    files = {"ca.pem": _pem_cert(ca), "peer.pem": _pem_cert(cert("replica", key, ca, ca_key)), "peer.key": _pem_key(key)}
+    tokens = {"admin": "adm-" + os.urandom(8).hex(), "replica": "rep-" + os.urandom(8).hex(),
+              "read": "rd-" + os.urandom(8).hex()}
+    files["tokens"] = "".join(f"{t} {r}\n" for r, t in tokens.items()).encode()
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+        os.chmod(tmp_path / name, 0o600)
+    tls = {"tls_ca": str(tmp_path / "ca.pem"), "tls_cert": str(tmp_path / "peer.pem"),
+           "tls_key": str(tmp_path / "peer.key")}
+    shard = Shard(etcd, "tls", replicas=2, k=2, env={"SPARSEPS_REPLICA_TOKEN": tokens["replica"]},
+                  extra=["--tls-ca", tls["tls_ca"], "--tls-cert", tls["tls_cert"], "--tls-key", tls["tls_key"],
+                         "--tokens-file", str(tmp_path / "tokens")])
+    try:
+        shard.wait_in_sync(2)
+        with sparseps.connect(f"{etcd}/tls", token=tokens["admin"], retry_deadline=30, **tls) as c:
+            c.create_optimizer("opt", "SGD", learning_rate=1.0)
+            c.create_variable("counts", initial_value=np.zeros((1, 1), np.float32), optimizer="opt")
+            for _ in range(5):
+                c.push({"counts": (np.array([0]), -np.ones((1, 1), np.float32))})
+        values = wait_equal(list(shard.servers.values()), "counts", np.arange(1), token=tokens["admin"], **tls)
+        assert values[0][0, 0] == 5.0
+        leader = shard.leader()
+        view = shard.view()
+        creds = grpc.ssl_channel_credentials(files["ca.pem"], files["peer.key"], files["peer.pem"])
+        body = json.dumps({"cluster": "tls", "shard": 0, "epoch": view["leader"]["epoch"], "id": "x", "lsn": 0,
+                           "handshake": True}).encode()
+        with grpc.secure_channel(leader.address, creds) as channel:
+            fetch = channel.unary_unary("/sparseps.v1.Replication/Fetch")
+            for token, code in ((None, grpc.StatusCode.UNAUTHENTICATED),
+                                (tokens["read"], grpc.StatusCode.PERMISSION_DENIED)):
+                with pytest.raises(grpc.RpcError) as e:
+                    fetch(body, timeout=5, metadata=(("authorization", f"Bearer {token}"),) if token else None)
+                assert e.value.code() == code, e.value.details()
+            assert fetch(body, timeout=5, metadata=(("authorization", f"Bearer {tokens['replica']}"),))
+        with direct(leader, token=tokens["replica"], retry_deadline=0, **tls) as d:
+            with pytest.raises(sparseps.PermissionDenied):
+                d.push({"counts": (np.array([0]), -np.ones((1, 1), np.float32))})
     finally:
         shard.stop()
