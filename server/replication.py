@@ -460,6 +460,8 @@ class Replica:
         log.info("replica %s leads shard %d from record %d, epoch %d, in-sync %s", self.id, self.shard_index,
                  self.wal.lsn + 1, epoch, sorted(members))
         threading.Thread(target=self._maintain_isr, name="isr", daemon=True).start()
+        if self.pipeline.sync is not None:
+            self.pipeline.sync.start()   # shard 0: re-send a decided sync step the old leader may not have finished
 
     # ------------------------------------------------------------------ follower side
     def _run(self):
@@ -604,6 +606,14 @@ class Replica:
             self.wal.truncate_after(lsn)
         self.restart(f"its log had records after {lsn} that the leader of epoch {self.epoch} does not have")
 
+    def leader_address(self, shard: int) -> str | None:
+        """The address of shard `shard`'s leader in this cluster, from etcd (None if none)."""
+        try:
+            value, _, _ = self.coord.etcd.get(coordination.shard_prefix(self.cluster, shard) + "leader")
+        except Exception:
+            return None
+        return value["address"] if value else None
+
     # ------------------------------------------------------------------ status
     def _info(self) -> dict:
         return {"id": self.id, "shard": self.shard_index, "num_shards": self.num_shards, "address": self.address, "data_port": self.data_port,
@@ -683,4 +693,7 @@ def attach(args, pipeline) -> Replica:
         raise SystemExit("a replicated shard (--coordinator) needs --data-dir: its write-ahead log is what it ships")
     if args.min_insync_replicas < 1:
         raise SystemExit("--min-insync-replicas must be at least 1 (the leader itself)")
-    return Replica(args, pipeline)
+    replica = Replica(args, pipeline)
+    if pipeline.sync is not None:   # sync mode's coordinator reaches the other shards' leaders
+        pipeline.sync.locate = replica.leader_address
+    return replica

@@ -459,3 +459,55 @@ def test_replication_needs_the_replica_role_under_tls_and_tokens(etcd, tmp_path)
                 d.push({"counts": (np.array([0]), -np.ones((1, 1), np.float32))})
     finally:
         shard.stop()
+
+
+def test_sync_mode_steps_survive_the_coordinator_leader_kill9(etcd):
+    """SYNC mode on 2 shards x 2 replicas (K=1: acks still wait for the in-sync follower): two workers push every step (each -1 to a row on
+    each shard, summed); the leader of shard 0, which coordinates the steps, is killed -9 mid-run.
+    Steps go on under the new leader, every step is applied on both shards or neither, once: both
+    rows equal 2 x the steps applied, and every step a worker saw acknowledged is among them."""
+    shards = [Shard(etcd, "sync", replicas=2, k=1, index=i, num_shards=2) for i in range(2)]
+    try:
+        for s in shards:
+            s.wait_in_sync(2)
+        address = f"{etcd}/sync"
+        with sparseps.connect(address, retry_deadline=30) as c:
+            c.create_optimizer("opt", "SGD", learning_rate=1.0,
+                               consistency={"mode": "sync", "replicas_to_aggregate": 2, "total_num_replicas": 2})
+            c.create_variable("counts", initial_value=np.zeros((2, 1), np.float32), optimizer="opt")
+        acked, errs, stop = [[], []], [], threading.Event()
+
+        def work(w):
+            with sparseps.connect(address, timeout=10, retry_deadline=60) as c:
+                step = 0
+                while not stop.is_set() and step < 1000:
+                    try:
+                        acked[w].append((step, c.push({"counts": (np.array([0, 1]), -np.ones((2, 1), np.float32))},
+                                                      step=step, worker_id=f"w{w}")))
+                    except sparseps.Error as e:
+                        errs.append(f"w{w} step {step}: {e}")
+                        return
+                    step += 1
+
+        threads = [threading.Thread(target=work, args=(w,)) for w in range(2)]
+        for t in threads:
+            t.start()
+        time.sleep(2.0)
+        old = shards[0].leader()
+        old.kill()
+        shards[0].wait(lambda v: v["leader"] and v["leader"]["pid"] != old.pid, timeout=20)
+        time.sleep(3.0)
+        stop.set()
+        for t in threads:
+            t.join(120)
+        assert not errs, errs[:3]
+        done = [len(a) for a in acked]
+        with sparseps.connect(address, retry_deadline=30) as c:
+            values = c.pull("counts", np.arange(2))[:, 0]
+            its = [c.optimizer("opt")._info(k).iterations for k in range(2)]
+        assert its[0] == its[1] and values.tolist() == [2.0 * its[0]] * 2, (values, its, done)
+        assert max(done) <= its[0] <= max(done) + 1 and min(done) > 5, (its, done)
+        assert all(it == step + 1 for a in acked for step, it in a), acked
+    finally:
+        for s in shards:
+            s.stop()
