@@ -32,6 +32,7 @@ import collections
 import json
 import logging
 import os
+import queue
 import shutil
 import struct
 import sys
@@ -150,6 +151,12 @@ class ReplicatedLog:
     def __getattr__(self, name):
         return getattr(self._wal, name)
 
+    @property
+    def lsn(self) -> int:
+        """The last record applied to this replica's state (what a checkpoint covers): a follower
+        logs records before it applies them (Replica._apply_loop)."""
+        return self._wal.lsn if self.replica.role == "leader" else self.replica.applied_lsn
+
     def append(self, *parts, sealed: tuple | None = None) -> int:
         self.replica.check_writable()   # raises before anything is logged or applied
         views, crc, length = sealed if sealed is not None else seal(*parts)
@@ -216,6 +223,8 @@ class Replica:
         self.history = EpochHistory(os.path.join(args.data_dir, "epochs.json"))
         self.pipeline = pipeline
         self.wal = pipeline.wal
+        self.applied_lsn = self.wal.lsn   # (after replay) the last record applied to the state
+        self.applying = queue.Queue(maxsize=16)
         pipeline.wal = ReplicatedLog(self.wal, self)
         self.coord = coordination.Coordinator(args.coordinator, self.cluster, self.shard_index, self.id,
                                               args.lease_seconds, on_lost=lambda: self.restart("its etcd lease expired"))
@@ -235,7 +244,8 @@ class Replica:
     # ------------------------------------------------------------------ lifecycle
     def start(self, address: str, data_port: int):
         self.address, self.data_port = address, data_port
-        for target, name in ((self._run, "replication"), (self._publish_loop, "replica-status")):
+        for target, name in ((self._run, "replication"), (self._apply_loop, "replica-apply"),
+                             (self._publish_loop, "replica-status")):
             threading.Thread(target=target, name=name, daemon=True).start()
 
     def stop(self):
@@ -435,6 +445,7 @@ class Replica:
                 self.cond.notify_all()
 
     def _lead(self, epoch: int, old: dict | None):
+        self.applying.join()   # every logged record applied before this replica takes writes
         with self.pipeline.shard.lock:
             self.history.start(epoch, self.wal.lsn + 1)
         members = {self.id}
@@ -540,17 +551,33 @@ class Replica:
             channel.close()
 
     def _apply(self, records):
+        """Log a batch and make it durable (the next fetch acknowledges it), then hand it to the
+        applier: the acknowledgement does not wait for the optimizer steps."""
         if not records:
             return
+        for lsn, payload in records:
+            if lsn != self.wal.lsn + 1:
+                raise RuntimeError(f"replication: record {lsn} after {self.wal.lsn}")
+            self.wal.append(payload)
+        self.wal.flush()
+        self.applying.put(records)   # bounded: a follower that cannot apply as fast stops fetching
+
+    def _apply_loop(self):
+        """Apply logged records in log order, through the same PushPipeline.apply_record as replay."""
         shard = self.pipeline.shard
-        with shard.lock:
-            for lsn, payload in records:
-                if lsn != self.wal.lsn + 1:
-                    raise RuntimeError(f"replication: record {lsn} after {self.wal.lsn}")
-                self.wal.append(payload)
-                self.pipeline.apply_record(lsn, payload)
-                self.pipeline.pushes_since_checkpoint += 1
-        self.wal.wait_durable(records[-1][0])
+        while True:
+            records = self.applying.get()
+            try:
+                with shard.lock:
+                    for lsn, payload in records:
+                        self.pipeline.apply_record(lsn, payload)
+                        self.applied_lsn = lsn
+                        self.pipeline.pushes_since_checkpoint += 1
+            except Exception as e:   # its state no longer follows its log: rebuild from the log
+                log.exception("replica %s cannot apply record %d", self.id, self.applied_lsn + 1)
+                self.restart(f"applying record {self.applied_lsn + 1} failed ({e})")
+            finally:
+                self.applying.task_done()
 
     def _install_snapshot(self, channel, base: dict):
         """Replace this replica's checkpoints and log with the leader's latest checkpoint, then

@@ -184,6 +184,16 @@ class WriteAheadLog:
             if self._failed is not None and self.durable_lsn < lsn:
                 raise Unavailable(f"write-ahead log fsync failed: {self._failed}")
 
+    def flush(self):
+        """fsync now, whatever the policy (a replica's follower has its batch already: waiting for
+        more to join the group commit would only delay its acknowledgement)."""
+        with self._fd_lock, self._cond:
+            target = self.lsn
+            if target > self.durable_lsn:
+                self._sync()
+                self.durable_lsn = target
+                self._cond.notify_all()
+
     def _sync(self):
         try:
             os.fsync(self._fd)
