@@ -511,3 +511,35 @@ def test_sync_mode_steps_survive_the_coordinator_leader_kill9(etcd):
     finally:
         for s in shards:
             s.stop()
+
+
+def test_cluster_up_with_replicas_serves_and_stops(tmp_path):
+    """`sparseps cluster up --shards 1 --replicas 2`: etcd and two replicas, an etcd:// address to
+    train against; SIGTERM stops every process it started and exits 0."""
+    proc = subprocess.Popen([sys.executable, "-m", "sparseps.cli", "cluster", "up", "--shards", "1", "--replicas",
+                             "2", "--backend", "numba", "--data-dir", str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("ready:"):
+                break
+        assert lines and lines[-1].startswith("ready:"), "".join(lines)
+        address = lines[-1].split(" at ")[1].strip()
+        assert address.startswith("etcd://") and address.endswith("/local")
+        pids = [int(ln.split(" pid ")[1].split()[0]) for ln in lines if " pid " in ln]
+        assert len(pids) == 3, lines   # two replicas and etcd
+        with sparseps.connect(address, retry_deadline=30) as c:
+            c.create_optimizer("opt", "SGD", learning_rate=1.0)
+            c.create_variable("w", initial_value=np.zeros((2, 1), np.float32), optimizer="opt")
+            c.push({"w": (np.array([1]), -np.ones((1, 1), np.float32))})
+            assert c.pull("w").ravel().tolist() == [0.0, 1.0]
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(60) == 0
+        for pid in pids:
+            assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
