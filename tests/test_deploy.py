@@ -130,7 +130,7 @@ def test_prometheus_configs_and_alert_rules():
     run(promtool, "check", "config", DEPLOY / "prometheus" / "prometheus.ci.yml")
     run(promtool, "check", "config", K8S_BASE / "prometheus" / "prometheus.yml")
     out = run(promtool, "check", "rules", DEPLOY / "prometheus" / "alerts.yml").stdout
-    assert "SUCCESS: 4 rules found" in out, out
+    assert "SUCCESS: 5 rules found" in out, out
 
 
 def test_alert_rule_unit_tests():
