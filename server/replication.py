@@ -154,8 +154,9 @@ class ReplicatedLog:
     @property
     def lsn(self) -> int:
         """The last record applied to this replica's state (what a checkpoint covers): a follower
-        logs records before it applies them (Replica._apply_loop)."""
-        return self._wal.lsn if self.replica.role == "leader" else self.replica.applied_lsn
+        logs records before it applies them (Replica._apply_loop); a leader, under one hold of
+        the shard lock."""
+        return self.replica.applied_lsn
 
     def append(self, *parts, sealed: tuple | None = None) -> int:
         self.replica.check_writable()   # raises before anything is logged or applied
@@ -294,6 +295,7 @@ class Replica:
                 f"--min-insync-replicas {self.k}: pushes are refused until a follower catches up")
 
     def appended(self, lsn: int, payload: bytes):
+        self.applied_lsn = lsn   # (the caller applies it under the same hold of the shard lock)
         with self.cond:
             self.cache.append((lsn, payload))
             self.cache_bytes += len(payload)

@@ -14,6 +14,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 import urllib.request
 
 import grpc
@@ -513,9 +514,15 @@ def test_sync_mode_steps_survive_the_coordinator_leader_kill9(etcd):
             s.stop()
 
 
-def test_cluster_up_with_replicas_serves_and_stops(tmp_path):
+def test_cluster_up_with_replicas_serves_stops_and_resumes(tmp_path):
     """`sparseps cluster up --shards 1 --replicas 2`: etcd and two replicas, an etcd:// address to
-    train against; SIGTERM stops every process it started and exits 0."""
+    train against; SIGTERM stops every process it started (each replica writes a final
+    checkpoint) and exits 0; up again on the same data dirs: the state is back, applied once."""
+    for first in (True, False):
+        _cluster_up_push_and_stop(tmp_path, first)
+
+
+def _cluster_up_push_and_stop(tmp_path, first):
     proc = subprocess.Popen([sys.executable, "-m", "sparseps.cli", "cluster", "up", "--shards", "1", "--replicas",
                              "2", "--backend", "numba", "--data-dir", str(tmp_path)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -531,10 +538,14 @@ def test_cluster_up_with_replicas_serves_and_stops(tmp_path):
         pids = [int(ln.split(" pid ")[1].split()[0]) for ln in lines if " pid " in ln]
         assert len(pids) == 3, lines   # two replicas and etcd
         with sparseps.connect(address, retry_deadline=30) as c:
-            c.create_optimizer("opt", "SGD", learning_rate=1.0)
-            c.create_variable("w", initial_value=np.zeros((2, 1), np.float32), optimizer="opt")
+            if first:
+                c.create_optimizer("opt", "SGD", learning_rate=1.0)
+                c.create_variable("w", initial_value=np.zeros((2, 1), np.float32), optimizer="opt")
+            assert c.pull("w").ravel().tolist() == [0.0, 0.0 if first else 1.0]   # restored, applied once
             c.push({"w": (np.array([1]), -np.ones((1, 1), np.float32))})
-            assert c.pull("w").ravel().tolist() == [0.0, 1.0]
+            assert c.pull("w").ravel().tolist() == [0.0, 1.0 if first else 2.0]
+        replicas = [types.SimpleNamespace(address=ln.split(": ")[1].split()[0]) for ln in lines if " replica " in ln]
+        assert wait_equal(replicas, "w", np.arange(2))[0].ravel().tolist() == [0.0, 1.0 if first else 2.0]
         os.kill(proc.pid, signal.SIGTERM)
         assert proc.wait(60) == 0
         for pid in pids:
