@@ -129,11 +129,14 @@ class EpochHistory:
         return min(later) - 1 if later else log_end
 
     def start(self, epoch: int, first_lsn: int):
-        self.entries = [(e, s) for e, s in self.entries if e < epoch] + [(epoch, first_lsn)]
+        """This log continues under `epoch` from `first_lsn` (entries of an older leader's for
+        records this log never got are dropped)."""
+        self.entries = [(e, s) for e, s in self.entries if e < epoch and s < first_lsn] + [(epoch, first_lsn)]
         self._save()
 
-    def adopt(self, entries: list, upto: int):
-        """Take the leader's history for the log up to `upto` (after a truncation to it)."""
+    def adopt(self, entries: list):
+        """Take the leader's history (after any truncation): it names the epochs of the records
+        this replica holds and of those it is about to fetch."""
         self.entries = [tuple(e) for e in entries]
         self._save()
 
@@ -501,6 +504,12 @@ class Replica:
             except grpc.RpcError as e:
                 log.debug("fetch from %s: %s", leader["address"], e.details() if hasattr(e, "details") else e)
                 self._stop.wait(0.05)
+            except errors.Error as e:   # e.g. this replica's log failing: try again, it may recover
+                log.error("replica %s cannot follow %s: %s", self.id, leader["address"], e)
+                self._stop.wait(1.0)
+            except Exception as e:      # a record out of order, an answer it cannot read: rebuild
+                log.exception("replica %s: following %s failed", self.id, leader["address"])
+                self.restart(f"following {leader['address']} failed ({type(e).__name__}: {e})")
 
     def _try_elect(self, leaderless: float):
         isr, revision = self.coord.isr()
@@ -539,7 +548,7 @@ class Replica:
                 self._truncate_and_restart(hs["truncate_to"])
             if self.wal.lsn + 1 < hs["first_lsn"]:
                 self._install_snapshot(channel, base)
-            self.history.adopt(hs["epochs"], self.wal.lsn)
+            self.history.adopt(hs["epochs"])
             while not self._stop.is_set():
                 data = fetch(json.dumps(dict(base, lsn=self.wal.durable_lsn, wait_ms=WAIT_MS)).encode(), timeout=timeout)
                 header, records = decode_batch(data)
@@ -617,7 +626,7 @@ class Replica:
         os.makedirs(ckdir)
         os.replace(tmp, os.path.join(ckdir, header["name"]))
         fsync_path(ckdir)
-        self.history.adopt(header["epochs"], 0)
+        self.history.adopt(header["epochs"])
         self.restart(f"installed the leader's checkpoint {header['name']}")
 
     def _truncate_and_restart(self, lsn: int):

@@ -554,3 +554,21 @@ def _cluster_up_push_and_stop(tmp_path, first):
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def test_epoch_history_says_where_each_epoch_ended(tmp_path):
+    """KIP-101's rule as EpochHistory keeps it: the end of an epoch in this log is the record
+    before the next epoch's first; a new epoch drops an older leader's entries this log never
+    reached; the history survives a reopen."""
+    from sparseps.server.replication import EpochHistory
+    path = str(tmp_path / "epochs.json")
+    h = EpochHistory(path)
+    assert h.epoch_at(10) == 0 and h.end_of(7, 10) == 10
+    h.start(4, 1)
+    h.adopt([(4, 1), (50, 150)])          # a follower at 120 takes its leader's history
+    assert h.epoch_at(120) == 4 and h.epoch_at(160) == 50
+    assert h.end_of(4, 120) == 149 and h.end_of(50, 120) == 120 and h.end_of(3, 120) == 0
+    h.start(91, 121)                      # it leads from 121: epoch 50 never reached this log
+    assert h.entries == [(4, 1), (91, 121)]
+    assert EpochHistory(path).entries == [(4, 1), (91, 121)]
+    assert EpochHistory(path).end_of(50, 300) == 120 and EpochHistory(path).epoch_at(300) == 91
