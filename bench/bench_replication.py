@@ -8,12 +8,17 @@
    leader of a 3-replica shard (K=2) is killed -9; the time from the kill to the first push
    acknowledged after it (by the new leader); the killed replica is restarted on its data dir and
    back in sync before the next kill.
+3. Serving-replica lag under the 2-worker push_pull workload (two workers push_pull the table
+   through the leader of a 2-replica shard with one serving replica): a probe pushes +1 to a
+   counter every 20 ms; a reader polls the serving replica; the lag of a push is from its
+   acknowledgement to the first read of the serving replica that includes it.
 
 Every process is on this machine: with 2 cores, 3 replicas and the workers share them, so the
 factor-3 ratio here is a floor, not what separate hosts would see.
 
     .venv/bin/python bench/bench_replication.py                       # ~3 min
     .venv/bin/python bench/bench_replication.py --dur 2 --kills 3     # smoke
+    .venv/bin/python bench/bench_replication.py --only serving
 """
 import argparse
 import json
@@ -167,6 +172,73 @@ def failover(etcd, args, root) -> dict:
             "max_s": max(times), "all_s": times}
 
 
+def serving_lag(etcd, args, root) -> dict:
+    import sparseps
+    from sparseps.local import LocalServer, free_ports
+    cluster = "serving"
+    servers = _replicas(etcd, cluster, 2, 2, os.path.join(root, cluster), args.lease)
+    port, = free_ports(1)
+    servers["s"] = LocalServer("--backend", "numba", "--coordinator", str(etcd), "--cluster", cluster,
+                               "--shard-index", "0", "--num-shards", "1", "--data-dir", os.path.join(root, "serving-r"),
+                               "--role", "serving", port=port)
+    stop = threading.Event()
+    acked, seen = {}, {}
+    try:
+        _wait_in_sync(etcd, cluster, 2)
+        address = f"{etcd}/{cluster}"
+        with sparseps.connect(address, retry_deadline=60) as c:
+            c.create_optimizer("opt", "LazyAdam", learning_rate=1e-3)
+            c.create_variable("emb", initial_value=np.zeros((args.rows, args.dim), np.float32), optimizer="opt")
+            c.create_optimizer("sgd", "SGD", learning_rate=1.0)
+            c.create_variable("probe", initial_value=np.zeros((1, 1), np.float32), optimizer="sgd")
+
+        def worker(w):
+            rng = np.random.default_rng(w)
+            with sparseps.connect(address, retry_deadline=60) as c:
+                while not stop.is_set():
+                    ids = rng.integers(0, args.rows, args.batch)
+                    c.push_pull({"emb": (ids, rng.standard_normal((args.batch, args.dim)).astype(np.float32))},
+                                {"emb": rng.integers(0, args.rows, args.batch)})
+
+        def probe():
+            with sparseps.connect(address, retry_deadline=60) as c:
+                n = 0
+                while not stop.is_set():
+                    c.push({"probe": (np.array([0]), -np.ones((1, 1), np.float32))})
+                    n += 1
+                    acked[n] = time.monotonic()
+                    time.sleep(0.02)
+
+        def reader():
+            with sparseps.connect(servers["s"].address, retry_deadline=60) as c:
+                while not stop.is_set():
+                    try:
+                        v = int(c.pull("probe", np.array([0]))[0, 0])
+                    except sparseps.NotFound:   # the serving replica has not reached its creation yet
+                        time.sleep(0.01)
+                        continue
+                    now = time.monotonic()
+                    for k in range(max(seen, default=0) + 1, v + 1):
+                        seen[k] = now
+                    time.sleep(0.002)
+
+        threads = [threading.Thread(target=t, args=a) for t, a in ((worker, (0,)), (worker, (1,)), (probe, ()),
+                                                                   (reader, ()))]
+        for t in threads:
+            t.start()
+        time.sleep(args.dur * 2)
+        stop.set()
+        for t in threads:
+            t.join(60)
+    finally:
+        stop.set()
+        for s in servers.values():
+            s.stop()
+    lags = [seen[k] - acked[k] for k in acked if k in seen]
+    return {"pushes": len(acked), "seen": len(lags), "p50_ms": pct(lags, 50) * 1e3, "p99_ms": pct(lags, 99) * 1e3,
+            "max_ms": max(lags) * 1e3 if lags else float("nan")}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dur", type=float, default=5.0, help="seconds of pushing per configuration")
@@ -176,17 +248,16 @@ def main():
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--kills", type=int, default=20)
     p.add_argument("--lease", type=int, default=2)
-    p.add_argument("--skip", choices=["throughput", "failover"], default=None)
+    p.add_argument("--only", choices=["throughput", "failover", "serving"], default=None)
     args = p.parse_args()
     from sparseps.local import LocalEtcd
     etcd = LocalEtcd()
     root = tempfile.mkdtemp(prefix="bench-repl-")
     result = {"args": vars(args), "machine": machine_info(), "command": " ".join(sys.argv)}
     try:
-        if args.skip != "throughput":
-            result["throughput"] = throughput(etcd, args, root)
-        if args.skip != "failover":
-            result["failover"] = failover(etcd, args, root)
+        for part, fn in (("throughput", throughput), ("failover", failover), ("serving", serving_lag)):
+            if args.only in (None, part):
+                result[part] = fn(etcd, args, root)
     finally:
         etcd.stop()
         shutil.rmtree(root, ignore_errors=True)
@@ -202,6 +273,10 @@ def main():
         f = result["failover"]
         lines += ["", f"failover (kill -9 of the leader -> first acknowledged push), {f['kills']} kills, lease "
                       f"{f['lease_s']} s: p50 {f['p50_s']:.2f} s, p99 {f['p99_s']:.2f} s, max {f['max_s']:.2f} s"]
+    if "serving" in result:
+        v = result["serving"]
+        lines += ["", f"serving-replica lag under 2 push_pull workers ({v['seen']} probe pushes): p50 {v['p50_ms']:.1f} ms, "
+                      f"p99 {v['p99_ms']:.1f} ms, max {v['max_ms']:.1f} ms"]
     text = "\n".join(lines) + "\n"
     with open(os.path.join(RESULTS, f"replication_{stamp}.md"), "w") as fh:
         fh.write(text)
