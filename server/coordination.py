@@ -61,7 +61,11 @@ class Etcd:
     """The few etcd operations replication needs (range, put, txn, leases) over the JSON gateway."""
 
     def __init__(self, host: str, port: int, timeout: float = 2.0):
-        import etcd3gw   # here: `import sparseps` never pays for it
+        try:
+            import etcd3gw   # here: `import sparseps` never pays for it
+        except ImportError:
+            raise ImportError("etcd:// addresses need the etcd3gw package: pip install 'sparseps[replication]'") \
+                from None
         self.client = etcd3gw.Etcd3Client(host=host, port=port, timeout=timeout)
         self.endpoint = f"{host}:{port}"
 
