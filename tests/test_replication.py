@@ -7,6 +7,7 @@ applied twice) whatever happened to the leader meanwhile.
 """
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -360,6 +361,13 @@ def test_bad_replication_input_and_serving_replica(etcd):
             text = urllib.request.urlopen(f"http://127.0.0.1:{srv.metrics_port}/metrics", timeout=10).read().decode()
             for line in lines:
                 assert line in text, (line, [ln for ln in text.splitlines() if "replica" in ln])
+        deploy = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "deploy")
+        used = set()
+        for path in ("grafana/dashboards/sparseps.json", "prometheus/alerts.yml"):
+            with open(os.path.join(deploy, path)) as f:
+                used |= set(re.findall(r"\b(sparseps_replica(?:tion)?_[a-z_]+)", f.read()))
+        exported = set(re.findall(r"^# TYPE (\S+) ", text, re.M)) | set(re.findall(r"^(\w+)[{ ]", text, re.M))
+        assert used and not used - exported, sorted(used - exported)   # the dashboard and alerts use real names
     finally:
         shard.stop()
 
