@@ -9,6 +9,7 @@ import argparse
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -55,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--role", default=_env("role", "replica"), choices=["replica", "serving"],
                    help="with --coordinator: replica (may lead, counts toward --min-insync-replicas) or serving "
                         "(read-only, follows the log asynchronously)")
+    p.add_argument("--advertise-host", default=_env("advertise_host", None),
+                   help="with --coordinator: the host other replicas and clients dial for this one (default: "
+                        "--host, or this machine's hostname when --host is 0.0.0.0 or ::), e.g. a pod IP")
     p.add_argument("--lease-seconds", type=int, default=int(_env("lease_seconds", 2)),
                    help="with --coordinator: the etcd lease; a leader that stops renewing it for this long is "
                         "replaced (default 2)")
@@ -298,7 +302,8 @@ def serve(args, ready: threading.Event | None = None):
     server.metrics = metrics
     server.replica = replica
     if replica is not None:
-        replica.start(f"{args.host}:{port}", server.data_plane.port if server.data_plane is not None else 0)
+        host = args.advertise_host or (socket.gethostname() if args.host in ("0.0.0.0", "::", "") else args.host)
+        replica.start(f"{host}:{port}", server.data_plane.port if server.data_plane is not None else 0)
     if metrics is not None:
         mhost = args.metrics_host or args.host
         log.info("metrics at http://%s:%d/metrics", mhost, metrics.serve(mhost, args.metrics_port))
