@@ -206,6 +206,15 @@ def test_kubernetes_manifests_validate_strictly(version):
     run(kv, "--strict", "-k", version, "--quiet", *files)   # the GPU patch is checked rendered, below
 
 
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_replicated_kubernetes_manifests_validate_strictly(version):
+    """deploy/k8s/replicated: etcd and one StatefulSet of replicas per shard (docs/replication.md)."""
+    kv = venv_tool("kubernetes-validate")
+    files = sorted(p for p in (DEPLOY / "k8s" / "replicated").glob("*.yaml") if p.name != "kustomization.yaml")
+    assert len(files) == 2
+    run(kv, "--strict", "-k", version, "--quiet", *files)
+
+
 def test_kubernetes_validate_is_strict(tmp_path):
     kv = venv_tool("kubernetes-validate")
     doc = yaml.safe_load((K8S_BASE / "pdb.yaml").read_text())
