@@ -580,3 +580,29 @@ def test_epoch_history_says_where_each_epoch_ended(tmp_path):
     assert h.entries == [(4, 1), (91, 121)]
     assert EpochHistory(path).entries == [(4, 1), (91, 121)]
     assert EpochHistory(path).end_of(50, 300) == 120 and EpochHistory(path).epoch_at(300) == 91
+
+
+def test_dynamic_tables_evictions_and_set_weights_replicate(etcd):
+    """Everything that changes a shard is a record of the log: a dynamic table's new keys, an age
+    eviction's removed keys, set_weights; every replica ends with the same live keys, rows and
+    slots, bit for bit."""
+    shard, address = counting_shard(etcd, "dyn", 2, optimizer="Adam")
+    try:
+        keys = np.array([10 ** 12 + 1, 7, -3, 99], np.int64)
+        rng = np.random.default_rng(5)
+        with sparseps.connect(address, retry_deadline=30) as c:
+            c.create_variable("ids", dim=4, dynamic=True, optimizer="opt", eviction={"max_age_steps": 3})
+            for step in range(10):
+                k = keys if step < 2 else keys[:2]        # -3 and 99 age out
+                c.push({"ids": (k, rng.standard_normal((len(k), 4)).astype(np.float32))})
+            c.set_weights([("counts", "", None, np.full((2, 1), 5.0, np.float32))])
+            assert c.evict("ids") == {"ids": 2}
+            assert c.pull("counts").ravel().tolist() == [5.0, 5.0]
+        live = list(shard.servers.values())
+        wait_equal(live, "ids", keys, slots=("m", "v"))
+        wait_equal(live, "counts", np.arange(2))
+        for s in live:
+            with direct(s, retry_deadline=5) as d:
+                assert d.server_info[0].live_rows["ids"] == 2, s.address
+    finally:
+        shard.stop()
