@@ -109,7 +109,7 @@ def run_up(args) -> int:
                 code = 1
                 break
         if received:
-            print(f"received {received[0]}, stopping {len(servers)} shards", flush=True)
+            print(f"received {received[0]}, stopping {len(servers)} {'replicas' if args.replicas else 'shards'}", flush=True)
         return code
     finally:
         for s in servers:

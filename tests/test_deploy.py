@@ -115,6 +115,23 @@ def test_compose_files_are_valid():
         assert any(v["target"] == "/data" and v["type"] == "volume" for v in base["services"][shard]["volumes"])
 
 
+def test_replicated_compose_file_is_valid():
+    """deploy/compose.replicated.yml: etcd, 2 shards x 3 replicas with their own volumes, trainers
+    on etcd:// (docs/replication.md); every SPARSEPS_* it sets is a real server flag."""
+    cfg = compose_config(DEPLOY / "compose.replicated.yml")
+    replicas = {n: s for n, s in cfg["services"].items() if n.startswith("shard")}
+    assert len(replicas) == 6 and "etcd" in cfg["services"] and "trainer" in cfg["services"]
+    flags = run(sys.executable, "-m", "sparseps.server", "--help").stdout
+    for name, svc in replicas.items():
+        env = svc["environment"]
+        assert env["SPARSEPS_COORDINATOR"] == "etcd://etcd:2379" and env["SPARSEPS_ADVERTISE_HOST"] == name
+        assert any(v["target"] == "/data" and v["source"] == f"{name}-data" for v in svc["volumes"]), name
+        for key in env:
+            assert "--" + key[len("SPARSEPS_"):].lower().replace("_", "-") in flags, key
+    assert sorted(s["environment"]["SPARSEPS_SHARD_INDEX"] for s in replicas.values()) == ["0"] * 3 + ["1"] * 3
+    assert "etcd://etcd:2379/prod" in cfg["services"]["trainer"]["command"]
+
+
 def test_compose_rejects_a_broken_file(tmp_path):
     """The validation above is real: compose v2 refuses a bad replica count (and says why)."""
     bad = tmp_path / "bad.yml"
