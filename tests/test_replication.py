@@ -559,9 +559,13 @@ def _cluster_up_push_and_stop(tmp_path, first):
         for pid in pids:
             assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
     finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
+        if proc.poll() is None:   # a failed check: SIGTERM still stops the processes it started
+            os.kill(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait()
 
 
 def test_epoch_history_says_where_each_epoch_ended(tmp_path):
