@@ -13,6 +13,8 @@
 #   --build-arg EXTRAS=server,cuda
 # GPU shards on the TensorFlow backend (set SPARSEPS_BACKEND to it):
 #   --build-arg EXTRAS=server,gpu
+# Replicated shards (--coordinator etcd://..., deploy/k8s/replicated, docs/replication.md):
+#   --build-arg EXTRAS=server,replication
 # Every SPARSEPS_* variable is a sparseps-server flag (`sparseps-server --help`).
 ARG BASE_IMAGE=python:3.11-slim
 

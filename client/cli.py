@@ -1,6 +1,7 @@
 """`sparseps`: the command for a person.
 
     sparseps status 127.0.0.1:50051        # variables, optimizers, iterations of every shard
+    sparseps status etcd://127.0.0.1:2379/prod   # the same, after one line per replica (role, epoch, lag)
     sparseps demo                          # train a small model against a local server
     sparseps demo --dynamic                # a CTR model on hashed 64-bit ids in dynamic tables
     sparseps demo --torch --workers 2      # a DLRM-like model in PyTorch (sparseps.torch), two workers
@@ -14,8 +15,38 @@ import json
 import sys
 
 
+def _replicas(address: str) -> int:
+    """One line per replica of a replicated cluster, from etcd: shard, role, epoch, pid, address, lag."""
+    from .server.coordination import cluster_view
+    try:
+        view = cluster_view(address)
+    except Exception as e:
+        print(f"sparseps status: cannot read {address}: {e}", file=sys.stderr)
+        return 1
+    if not view:
+        print(f"sparseps status: no replicas of {address} in etcd", file=sys.stderr)
+        return 1
+    for k in sorted(view):
+        s = view[k]
+        isr = set((s["isr"] or {}).get("members", []))
+        epoch = (s["leader"] or {}).get("epoch", 0)
+        if s["leader"] is None:
+            print(f"shard={k} role=none epoch=0 pid=- address=- no leader (in-sync: {sorted(isr)})")
+        for r in sorted(s["replicas"], key=lambda r: (r.get("role") != "leader", r.get("id", ""))):
+            extra = f" in_sync={r['in_sync']}" if r.get("role") == "leader" else \
+                f" lag_records={r.get('lag_records', 0)} lag_seconds={r.get('lag_seconds', 0)}" + \
+                (" in_sync=yes" if r.get("id") in isr else (" in_sync=no" if r.get("role") != "serving" else ""))
+            print(f"shard={k} role={r.get('role')} epoch={r.get('epoch', epoch)} pid={r.get('pid')} "
+                  f"address={r.get('address')} lsn={r.get('lsn')} id={r.get('id')}{extra}")
+    return 0
+
+
 def _status(args):
     from .tf_checkpoint import connect_from_args   # address, token, TLS options
+    if args.address.startswith("etcd://"):
+        code = _replicas(args.address)
+        if code or args.replicas_only:
+            return code
     with connect_from_args(args, retry_deadline=5) as client:
         st = client.status()
     if args.json:
@@ -140,6 +171,7 @@ def main(argv=None):
     sub = p.add_subparsers(dest="cmd", required=True)
     s = _command(sub, "status", _status, "show variables, optimizers and iterations (dynamic: policy, counters)")
     s.add_argument("--json", action="store_true")
+    s.add_argument("--replicas-only", action="store_true", help="etcd://: only the replica lines")
     _command(sub, "checkpoint", _checkpoint, "write a checkpoint on every shard now (servers need --data-dir)")
     ev = _command(sub, "evict", _evict, "run the age eviction of dynamic variables now; rows removed per variable")
     ev.add_argument("--variable", help="only this dynamic variable (default: all)")

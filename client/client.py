@@ -63,13 +63,17 @@ class Client:
     def __init__(self, addresses, *, max_message_mb: int = 256, timeout: float | None = None,
                  retry_deadline: float = 60.0, credentials: grpc.ChannelCredentials | None = None,
                  token: str | None = None, client_id: str | None = None, tls_ca=None, tls_cert=None,
-                 tls_key=None, server_name: str | None = None, data_plane: bool | None = None):
+                 tls_key=None, server_name: str | None = None, data_plane: bool | None = None,
+                 read_from: str = "leader"):
         """tls_ca / tls_cert / tls_key: PEM file paths or bytes (TLS; cert+key for mutual TLS);
         server_name: the name to verify the server certificate against (default: the address's host);
-        data_plane: use the shards' data ports (default: yes, unless SPARSEPS_DATA_PLANE=0)."""
+        data_plane: use the shards' data ports (default: yes, unless SPARSEPS_DATA_PLANE=0).
+        addresses may be "etcd://HOST:PORT/NAME" (a replicated cluster: the shards' leaders, found
+        again after a failover; read_from="serving": its serving replicas, for inference)."""
         self._shards = Shards(addresses, max_message_mb=max_message_mb, timeout=timeout,
                               retry_deadline=retry_deadline, credentials=credentials, token=token, tls_ca=tls_ca,
-                              tls_cert=tls_cert, tls_key=tls_key, server_name=server_name, data_plane=data_plane)
+                              tls_cert=tls_cert, tls_key=tls_key, server_name=server_name, data_plane=data_plane,
+                              read_from=read_from)
         self.client_id = client_id or uuid.uuid4().hex
         self._placements = Placements(self._shards)
         self._pulls = Pulls(self._shards, self._placements)

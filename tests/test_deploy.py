@@ -115,6 +115,23 @@ def test_compose_files_are_valid():
         assert any(v["target"] == "/data" and v["type"] == "volume" for v in base["services"][shard]["volumes"])
 
 
+def test_replicated_compose_file_is_valid():
+    """deploy/compose.replicated.yml: etcd, 2 shards x 3 replicas with their own volumes, trainers
+    on etcd:// (docs/replication.md); every SPARSEPS_* it sets is a real server flag."""
+    cfg = compose_config(DEPLOY / "compose.replicated.yml")
+    replicas = {n: s for n, s in cfg["services"].items() if n.startswith("shard")}
+    assert len(replicas) == 6 and "etcd" in cfg["services"] and "trainer" in cfg["services"]
+    flags = run(sys.executable, "-m", "sparseps.server", "--help").stdout
+    for name, svc in replicas.items():
+        env = svc["environment"]
+        assert env["SPARSEPS_COORDINATOR"] == "etcd://etcd:2379" and env["SPARSEPS_ADVERTISE_HOST"] == name
+        assert any(v["target"] == "/data" and v["source"] == f"{name}-data" for v in svc["volumes"]), name
+        for key in env:
+            assert "--" + key[len("SPARSEPS_"):].lower().replace("_", "-") in flags, key
+    assert sorted(s["environment"]["SPARSEPS_SHARD_INDEX"] for s in replicas.values()) == ["0"] * 3 + ["1"] * 3
+    assert "etcd://etcd:2379/prod" in cfg["services"]["trainer"]["command"]
+
+
 def test_compose_rejects_a_broken_file(tmp_path):
     """The validation above is real: compose v2 refuses a bad replica count (and says why)."""
     bad = tmp_path / "bad.yml"
@@ -130,7 +147,7 @@ def test_prometheus_configs_and_alert_rules():
     run(promtool, "check", "config", DEPLOY / "prometheus" / "prometheus.ci.yml")
     run(promtool, "check", "config", K8S_BASE / "prometheus" / "prometheus.yml")
     out = run(promtool, "check", "rules", DEPLOY / "prometheus" / "alerts.yml").stdout
-    assert "SUCCESS: 4 rules found" in out, out
+    assert "SUCCESS: 5 rules found" in out, out
 
 
 def test_alert_rule_unit_tests():
@@ -191,6 +208,8 @@ def test_dashboard_metric_names_exist():
             if base.endswith(s):
                 base = base[: -len(s)]
                 break
+        if name.startswith(("sparseps_replica_", "sparseps_replication_")):
+            continue   # only a replicated shard exports them: tests/test_replication.py scrapes a real one
         if name not in exported and base not in exported:
             unknown.append(name)
     assert not unknown, f"used but not exported: {sorted(unknown)}"
@@ -202,6 +221,15 @@ def test_kubernetes_manifests_validate_strictly(version):
     kv = venv_tool("kubernetes-validate")
     files = sorted(p for p in K8S_BASE.glob("*.yaml") if p.name != "kustomization.yaml")
     run(kv, "--strict", "-k", version, "--quiet", *files)   # the GPU patch is checked rendered, below
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_replicated_kubernetes_manifests_validate_strictly(version):
+    """deploy/k8s/replicated: etcd and one StatefulSet of replicas per shard (docs/replication.md)."""
+    kv = venv_tool("kubernetes-validate")
+    files = sorted(p for p in (DEPLOY / "k8s" / "replicated").glob("*.yaml") if p.name != "kustomization.yaml")
+    assert len(files) == 2
+    run(kv, "--strict", "-k", version, "--quiet", *files)
 
 
 def test_kubernetes_validate_is_strict(tmp_path):
