@@ -24,7 +24,7 @@ import numpy as np
 
 from sparseps.errors import InvalidArgument
 
-from . import torch_base as tb
+from . import scalar_math, torch_base as tb
 from .config_values import as_float
 from .torch_base import TorchOptimizer, coalesce, dtype_of
 
@@ -55,7 +55,11 @@ class TorchSparseAdam(TorchOptimizer):
         b1, b2 = self.hp["betas"]
         step = iterations + 1
         lr = self.current_lr()
-        return {"step_size": lr * math.sqrt(1 - b2 ** step) / (1 - b1 ** step),
+        # b ** step as torch's Python float ** (libm's pow), but correctly rounded (scalar_math):
+        # libm's pow has FMA and non-FMA builds, and replicas on two machines must agree
+        b1_t = float(scalar_math.pow(np.float64(b1), step, np.float64))
+        b2_t = float(scalar_math.pow(np.float64(b2), step, np.float64))
+        return {"step_size": lr * math.sqrt(1 - b2_t) / (1 - b1_t),
                 "one_minus_b1": 1 - b1, "one_minus_b2": 1 - b2, "eps": self.hp["eps"]}
 
     def apply_sparse_raw(self, bk, var, slots, ids, rows, c):
