@@ -24,7 +24,7 @@ import pytest
 
 import sparseps
 import sparseps.metrics as client_metrics
-from sparseps.local import LocalServer
+from sparseps.local import LocalEtcd, LocalServer
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "sparseps.json"
@@ -147,16 +147,35 @@ class Prometheus:
         self._log.close()
 
 
+def _replicated_shard(etcd, root):
+    """A replicated shard (cluster "pm": leader, follower, serving replica) with /metrics, so the
+    dashboard's replication row has real series to show."""
+    servers, ports = [], []
+    for name, role in (("r0", []), ("r1", []), ("s0", ["--role", "serving"])):
+        ports.append(free_port())
+        servers.append(LocalServer("--backend", "numpy", "--coordinator", str(etcd), "--cluster", "pm",
+                                   "--shard-index", "0", "--num-shards", "1", "--data-dir", os.path.join(root, name),
+                                   "--min-insync-replicas", "2", "--metrics-port", str(ports[-1]), *role))
+    return servers, ports
+
+
 @pytest.fixture(scope="module")
-def loaded_cluster():
-    """2 shards with /metrics, and an instrumented client pushing and pulling in a thread."""
+def loaded_cluster(tmp_path_factory):
+    """2 shards with /metrics, a replicated shard beside them, and an instrumented client pushing
+    and pulling in a thread."""
     ports = [free_port(), free_port()]
     servers = []
+    etcd = LocalEtcd()
     try:
         for k in range(2):
             servers.append(LocalServer("--shard-index", str(k), "--num-shards", "2", "--backend", "numpy",
                                        "--metrics-port", str(ports[k])))
-        client = client_metrics.connect(",".join(s.address for s in servers), metrics_port=0)
+        replicas, replica_ports = _replicated_shard(etcd, str(tmp_path_factory.mktemp("replicas")))
+        servers += replicas
+        client = client_metrics.connect(",".join(s.address for s in servers[:2]), metrics_port=0)
+        replicated = sparseps.connect(f"{etcd}/pm", retry_deadline=30)
+        replicated.create_optimizer("ropt", "SGD", learning_rate=0.1)
+        replicated.create_variable("r_emb", shape=(1000, 16), initializer="Zeros", optimizer="ropt")
         client.create_optimizer("popt", "LazyAdam", learning_rate=0.01)
         for name in ("users", "items"):
             client.create_variable(f"p_{name}", shape=(5000, 16), initializer="Zeros", optimizer="popt")
@@ -178,6 +197,7 @@ def loaded_cluster():
                     g = rng.normal(size=(256, 16)).astype(np.float32)
                     keys = np.concatenate([rng.choice(hot, 128), rng.integers(0, 2 ** 62, 64)])
                     client.push({"p_users": (ids, g), "p_items": (ids, g), "p_dyn": (keys, g[:192])})
+                    replicated.push({"r_emb": (ids % 1000, g)})
                     try:
                         client.pull("p_missing", ids[:1])   # one rejected call per step: errors panel
                     except sparseps.NotFound:
@@ -188,13 +208,16 @@ def loaded_cluster():
         thread = threading.Thread(target=load, daemon=True)
         thread.start()
         yield {"shard_metrics": [f"127.0.0.1:{p}" for p in ports],
+               "replica_metrics": [f"127.0.0.1:{p}" for p in replica_ports],
                "client_metrics": f"127.0.0.1:{client.metrics_port}", "failures": failures}
         stop.set()
         thread.join(30)
         client.close()
+        replicated.close()
     finally:
         for s in servers:
             s.stop()
+        etcd.stop()
 
 
 @pytest.fixture(scope="module")
@@ -202,6 +225,7 @@ def prometheus(loaded_cluster, tmp_path_factory):
     binary = require("prometheus", "prometheus")
     prom = Prometheus(binary, tmp_path_factory.mktemp("prometheus"),
                       {"sparseps": loaded_cluster["shard_metrics"],
+                       "sparseps-replicas": loaded_cluster["replica_metrics"],
                        "sparseps-client": [loaded_cluster["client_metrics"]]},
                       rule_files=[ALERTS])
     yield prom
