@@ -19,7 +19,7 @@ kernels of the other optimizers are methods of their own, fused (numba) only: ``
 ``rmsprop_momentum`` and ``rmsprop`` (momentum 0: every step also multiplies the whole rms slot by
 rho, as the reference does, so its rate falls with the table size):
 
-    python bench/bench_apply.py --backend fused,adagrad,ftrl,rmsprop_momentum,rmsprop
+    python bench/bench_apply.py --backend fused,adagrad,ftrl,ftrl_pow,rmsprop_momentum,rmsprop
 """
 from __future__ import annotations
 
@@ -82,7 +82,7 @@ class State:
                 self.epsilon)
 
 
-KERAS_KERNELS = ("adagrad", "ftrl", "rmsprop_momentum", "rmsprop")
+KERAS_KERNELS = ("adagrad", "ftrl", "ftrl_pow", "rmsprop_momentum", "rmsprop")
 
 
 def keras_apply(name: str, state: State):
@@ -96,6 +96,8 @@ def keras_apply(name: str, state: State):
         return lambda ids, grads: fused.adagrad(var, acc, ids, grads, lr, eps)
     if name == "ftrl":   # l1 0.01, l2 0.01, learning_rate_power -0.5 (the sqrt path)
         return lambda ids, grads: fused.ftrl(var, acc, other, ids, grads, lr, dt(0.01), dt(0.02), None, dt(0.5), True)
+    if name == "ftrl_pow":   # learning_rate_power -0.25: TF 2.15's pow (server/eigen_pow.py) per element
+        return lambda ids, grads: fused.ftrl(var, acc, other, ids, grads, lr, dt(0.01), dt(0.02), None, dt(0.25), False)
     if name == "rmsprop_momentum":
         return lambda ids, grads: fused.rmsprop(var, acc, None, other, ids, grads, lr, rho, dt(1) - rho, dt(0.9), eps)
 
