@@ -516,3 +516,9 @@ def eigen_layout_pow(x, y, row: int | None = None):
 
 
 PYTHON = build(_python_ops())
+
+
+def fma64(a, b, c):
+    """a * b + c rounded once, float64 arrays (the emulation glibc's restatement uses)."""
+    a, b, c = np.broadcast_arrays(*(np.asarray(v, np.float64) for v in (a, b, c)))
+    return _numpy(np.float64).fma(a, b, c)

@@ -37,6 +37,8 @@ import numpy as np
 from sparseps.errors import InvalidArgument
 
 from .base import Optimizer
+from sparseps.server import eigen_pow
+
 from .config_values import as_bool, as_float
 
 #: below this many ids torch sorts with std::sort, from it on with fbgemm's (stable) radix sort
@@ -68,42 +70,23 @@ def _round_to_odd_sum(x, y):
     return s
 
 
-_SPLIT64 = 134217729.0   # 2**27 + 1 (Veltkamp)
-
-
-def _two_product64(a, b):
-    p = a * b
-    t = _SPLIT64 * a
-    ah = t - (t - a)
-    al = a - ah
-    t = _SPLIT64 * b
-    bh = t - (t - b)
-    bl = b - bh
-    return p, ((ah * bh - p) + ah * bl + al * bh) + al * bl
-
-
 def fma(a, b, c):
     """Correctly rounded a*b + c in the dtype of c (float32 or float64), from IEEE +, -, * only.
 
     float32: a*b is exact in float64, the float64 sum rounded to odd and then to float32 is the
-    correctly rounded result (53 >= 2*24 + 2). float64: Boldo & Melquiond's emulated FMA (IEEE
-    Trans. Computers 57(4), 2008): a*b = uh + ul exactly (Dekker), c + uh = th + tl exactly
-    (TwoSum), result = RN(th + RO(tl + ul)). Exact unless a*b overflows or its low part underflows
-    (|a*b| < 2**-969); non-finite inputs give the plain a*b + c."""
+    correctly rounded result (53 >= 2*24 + 2). float64: Boldo & Melquiond's emulated FMA, the one
+    server/eigen_pow.py uses for glibc's fused operations. Exact unless a*b overflows or its low
+    part underflows (|a*b| < 2**-969); non-finite inputs give the plain a*b + c."""
     c = np.asarray(c)
     T = c.dtype
     if T == np.float32:
         s = _round_to_odd_sum(np.float64(a) * np.asarray(b, np.float64), c.astype(np.float64))
         return s.astype(np.float32)
     a, b = np.float64(a), np.asarray(b, np.float64)
-    uh, ul = _two_product64(a, b)
-    th = c + uh
-    bb = th - c
-    tl = (c - (th - bb)) + (uh - bb)
-    out = th + _round_to_odd_sum(tl, ul)
-    plain = ~np.isfinite(out) | ~np.isfinite(ul)
-    if plain.any():
-        with np.errstate(invalid="ignore", over="ignore"):
+    with np.errstate(invalid="ignore", over="ignore"):
+        out = np.asarray(eigen_pow.fma64(a, b, c))
+        plain = ~np.isfinite(out) | ~np.isfinite(a * b)
+        if plain.any():
             out = np.where(plain, a * b + c, out)
     return out
 
