@@ -35,10 +35,9 @@ are used, which are correctly rounded on every CPU.
 import numpy as np
 
 from sparseps.errors import InvalidArgument
-
-from .base import Optimizer
 from sparseps.server import eigen_pow
 
+from .base import Optimizer
 from .config_values import as_bool, as_float
 
 #: below this many ids torch sorts with std::sort, from it on with fbgemm's (stable) radix sort
