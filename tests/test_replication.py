@@ -485,11 +485,20 @@ def test_sync_mode_steps_survive_the_coordinator_leader_kill9(etcd):
                                consistency={"mode": "sync", "replicas_to_aggregate": 2, "total_num_replicas": 2})
             c.create_variable("counts", initial_value=np.zeros((2, 1), np.float32), optimizer="opt")
         acked, errs, stop = [[], []], [], threading.Event()
+        started, final, lock = [-1, -1], [None], threading.Lock()
 
         def work(w):
+            # A step commits only with both workers' votes, so both stop after the same step: the
+            # first to see `stop` fixes the last step as the highest either has started.
             with sparseps.connect(address, timeout=10, retry_deadline=60) as c:
                 step = 0
-                while not stop.is_set() and step < 1000:
+                while step < 1000:
+                    with lock:
+                        if stop.is_set() and final[0] is None:
+                            final[0] = max(started)
+                        if final[0] is not None and step > final[0]:
+                            return
+                        started[w] = step
                     try:
                         acked[w].append((step, c.push({"counts": (np.array([0, 1]), -np.ones((2, 1), np.float32))},
                                                       step=step, worker_id=f"w{w}")))
