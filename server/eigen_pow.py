@@ -448,9 +448,6 @@ def _python_ops():
         nextafter=math.nextafter, idx=int, fma=_python_fma)
 
 
-#: the algorithms on Python floats, for values computed one at a time on the host
-PYTHON = None
-
 _NUMPY = {}
 
 
@@ -515,6 +512,7 @@ def eigen_layout_pow(x, y, row: int | None = None):
     return out
 
 
+#: the algorithms on Python floats, for values computed one at a time on the host
 PYTHON = build(_python_ops())
 
 

@@ -10,7 +10,6 @@ duplicate ids are summed; every variable is updated; then `iterations` advances 
 Hyper-parameters given as Python floats live in float32 variables in the reference, so a float64
 variable sees float32-rounded betas and learning rates; `hyper()` reproduces that.
 """
-import math
 
 import numpy as np
 
