@@ -34,7 +34,8 @@ def _replicas(address: str) -> int:
             print(f"shard={k} role=none epoch=0 pid=- address=- no leader (in-sync: {sorted(isr)})")
         for r in sorted(s["replicas"], key=lambda r: (r.get("role") != "leader", r.get("id", ""))):
             extra = f" in_sync={r['in_sync']}" if r.get("role") == "leader" else \
-                f" lag_records={r.get('lag_records', 0)} lag_seconds={r.get('lag_seconds', 0)}" + \
+                f" lag_records={r.get('lag_records', 0)} lag_bytes={r.get('lag_bytes', 0)}" \
+                f" lag_seconds={r.get('lag_seconds', 0)}" + \
                 (" in_sync=yes" if r.get("id") in isr else (" in_sync=no" if r.get("role") != "serving" else ""))
             print(f"shard={k} role={r.get('role')} epoch={r.get('epoch', epoch)} pid={r.get('pid')} "
                   f"address={r.get('address')} lsn={r.get('lsn')} id={r.get('id')}{extra}")

@@ -406,7 +406,7 @@ class ServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("version", "backend", "device", "shard_index", "num_shards", "cluster", "instance_id", "data_port", "data_tls", "live_rows")
+    __slots__ = ("version", "backend", "device", "shard_index", "num_shards", "cluster", "instance_id", "data_port", "data_tls", "live_rows", "role", "epoch", "log_end")
     class LiveRowsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -424,6 +424,9 @@ class ServerInfo(_message.Message):
     DATA_PORT_FIELD_NUMBER: _ClassVar[int]
     DATA_TLS_FIELD_NUMBER: _ClassVar[int]
     LIVE_ROWS_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    LOG_END_FIELD_NUMBER: _ClassVar[int]
     version: str
     backend: str
     device: str
@@ -434,7 +437,10 @@ class ServerInfo(_message.Message):
     data_port: int
     data_tls: bool
     live_rows: _containers.ScalarMap[str, int]
-    def __init__(self, version: _Optional[str] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., shard_index: _Optional[int] = ..., num_shards: _Optional[int] = ..., cluster: _Optional[_Iterable[str]] = ..., instance_id: _Optional[str] = ..., data_port: _Optional[int] = ..., data_tls: _Optional[bool] = ..., live_rows: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    role: str
+    epoch: int
+    log_end: int
+    def __init__(self, version: _Optional[str] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., shard_index: _Optional[int] = ..., num_shards: _Optional[int] = ..., cluster: _Optional[_Iterable[str]] = ..., instance_id: _Optional[str] = ..., data_port: _Optional[int] = ..., data_tls: _Optional[bool] = ..., live_rows: _Optional[_Mapping[str, int]] = ..., role: _Optional[str] = ..., epoch: _Optional[int] = ..., log_end: _Optional[int] = ...) -> None: ...
 
 class CheckpointRequest(_message.Message):
     __slots__ = ("path",)

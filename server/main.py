@@ -276,6 +276,7 @@ def serve(args, ready: threading.Event | None = None):
         server.add_generic_rpc_handlers((replica.handler(),))
     service = ParameterServerService(shard, cluster, metrics=metrics, pushes=pipeline, threads=args.threads)
     service.max_message = limit
+    service.replica = replica
     service.budget = budget
     pb_grpc.add_ParameterServerServicer_to_server(service, server)
     health_servicer = health.HealthServicer()

@@ -236,10 +236,11 @@ class Replica:
         self.cond = threading.Condition()
         self.followers: dict = {}     # leader: id -> {"acked", "seen", "caught_up", "prev_end", "serving"}
         self.isr: set = set()
-        self.cache = collections.deque()
+        self.cache = collections.deque()   # leader: (lsn, payload, bytes appended up to it) of recent records
         self.cache_bytes = 0
+        self.appended_bytes = 0            # leader: record bytes appended since it began leading
         self.leader = None            # follower: the leader it follows (etcd value)
-        self.lag_records, self.behind_since = 0, None
+        self.lag_records, self.lag_bytes, self.behind_since = 0, 0, None
         self.failovers = 0
         self.address, self.data_port = "", 0
         self.ack_wait = None          # histogram of the waits for in-sync replicas (with --metrics-port)
@@ -300,7 +301,8 @@ class Replica:
     def appended(self, lsn: int, payload: bytes):
         self.applied_lsn = lsn   # (the caller applies it under the same hold of the shard lock)
         with self.cond:
-            self.cache.append((lsn, payload))
+            self.appended_bytes += len(payload)
+            self.cache.append((lsn, payload, self.appended_bytes))
             self.cache_bytes += len(payload)
             while self.cache_bytes > CACHE_BYTES and len(self.cache) > 1:
                 self.cache_bytes -= len(self.cache.popleft()[1])
@@ -404,19 +406,27 @@ class Replica:
             self.cond.notify_all()
             self.cond.wait_for(lambda: self.wal.lsn > lsn or self.role != "leader",
                                min(int(req.get("wait_ms", WAIT_MS)), 2000) / 1000.0)
-            records = [(n, p) for n, p in self.cache if n > lsn] if self.cache and self.cache[0][0] <= lsn + 1 else None
+            cached = [r for r in self.cache if r[0] > lsn] if self.cache and self.cache[0][0] <= lsn + 1 else None
+            appended, in_cache = self.appended_bytes, self.cache_bytes
         header = {"epoch": self.epoch, "lsn": self.wal.lsn, "commit": self.commit_lsn()}
+        records = None if cached is None else [(n, p) for n, p, _ in cached]
         if records is None:
             if lsn + 1 < self.wal.first_lsn():
                 header["snapshot"] = True
                 return encode_batch(header)
-            records = self.wal.read(lsn, BATCH_BYTES)
+            with self.cond:
+                f = self.followers.get(req["id"], {})
+            records, cursor = self.wal.read(lsn, BATCH_BYTES, f.get("cursor"))
+            f["cursor"] = cursor
         size, out = 0, []
         for rec in records:
             out.append(rec)
             size += len(rec[1])
             if size >= BATCH_BYTES:
                 break
+        # Bytes of log the follower still lacks after this answer: exact from the cache; from disk
+        # (a follower more than CACHE_BYTES behind), at least the cache's bytes.
+        header["behind_bytes"] = appended - cached[len(out) - 1][2] if cached and out else in_cache
         return encode_batch(header, out)
 
     def handler(self):
@@ -464,11 +474,11 @@ class Replica:
             self.followers = {m: {"acked": 0, "seen": now, "caught_up": now, "prev_end": 0}
                               for m in members if m != self.id}
             self.cache.clear()
-            self.cache_bytes = 0
+            self.cache_bytes = self.appended_bytes = 0
             self.role = "leader"
             self.cond.notify_all()
         self.failovers += 1
-        self.lag_records, self.behind_since = 0, None
+        self.lag_records, self.lag_bytes, self.behind_since = 0, 0, None
         try:
             self.coord.withdraw()
         except Exception:
@@ -557,6 +567,7 @@ class Replica:
                 self._apply(records)
                 lag = header["lsn"] - self.wal.lsn
                 self.lag_records = max(0, lag)
+                self.lag_bytes = header.get("behind_bytes", 0) if lag > 0 else 0
                 self.behind_since = (self.behind_since or time.monotonic()) if lag > 0 else None
         finally:
             channel.close()
@@ -660,7 +671,7 @@ class Replica:
     def status(self) -> dict:
         lag_s = time.monotonic() - self.behind_since if self.behind_since else 0.0
         return dict(self._info(), role=self.role, epoch=self.epoch, lsn=self.wal.lsn, lag_records=self.lag_records,
-                    lag_seconds=round(lag_s, 3), in_sync=len(self.isr) if self.role == "leader" else None,
+                    lag_bytes=self.lag_bytes, lag_seconds=round(lag_s, 3), in_sync=len(self.isr) if self.role == "leader" else None,
                     failovers=self.failovers)
 
     def _publish_loop(self):
@@ -695,13 +706,15 @@ class _Collector:
                 ("epoch", "Leader epoch this replica leads or follows (etcd revision)", st["epoch"]),
                 ("log_end", "Last record in this replica's write-ahead log", st["lsn"]),
                 ("lag_records", "Records this follower is behind its leader", st["lag_records"]),
+                ("lag_bytes", "Bytes of log records this follower is behind its leader", st["lag_bytes"]),
                 ("lag_seconds", "Seconds since this follower was last caught up (0 when it is)", st["lag_seconds"]),
                 ("in_sync", "Leader: replicas in the in-sync set, itself included (0 elsewhere)", st["in_sync"] or 0),
                 ("min_insync", "--min-insync-replicas", r.k)):
             g = GaugeMetricFamily(f"sparseps_replica_{name}", doc, labels=["shard"])
             g.add_metric([sl], value)
             out.append(g)
-        c = CounterMetricFamily("sparseps_replica_leaderships", "Times this replica became leader", labels=["shard"])
+        c = CounterMetricFamily("sparseps_replica_failovers", "Times this replica took over as its shard's leader "
+                                "(each an election it won, at a new epoch)", labels=["shard"])
         c.add_metric([sl], r.failovers)
         return out + [c]
 

@@ -64,6 +64,7 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
         self.cluster = list(cluster)
         self.metrics = metrics
         self.pushes = pushes if pushes is not None else PushPipeline(shard)  # every state change goes here
+        self.replica = None   # server/replication.Replica of a replicated shard
         self.waits = WaitSlots(threads)   # of the gRPC pool's threads, those that may wait for other workers
         self._active_lock = threading.Lock()
         self._active = 0   # pulls and pushes being served right now (both transports)
@@ -104,7 +105,12 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
         return pb.ServerInfo(version=_version(), backend=s.bk.name, device=s.bk.device, shard_index=s.index,
                              num_shards=s.num_shards, cluster=self.cluster, instance_id=s.instance_id, data_port=self.data_port,
                              data_tls=self.data_tls,
-                             live_rows={n: v.table.live for n, v in list(s.variables.items()) if v.table is not None})
+                             live_rows={n: v.table.live for n, v in list(s.variables.items()) if v.table is not None},
+                             **self._replica_info())
+
+    def _replica_info(self) -> dict:
+        r = self.replica
+        return {} if r is None else {"role": r.role, "epoch": r.epoch, "log_end": r.wal.lsn}
 
     @_handler
     def CreateOptimizer(self, request, context):

@@ -90,24 +90,42 @@ class WriteAheadLog:
                     os.fsync(f.fileno())
         self.lsn = self.durable_lsn = max(self.lsn, last)
 
-    def read(self, after_lsn: int, max_bytes: int):
-        """[(lsn, payload)] of the records after after_lsn, about max_bytes of them (at least one
-        if any), read from the segments on disk without changing them (a live log's older records,
-        for a replica catching up)."""
+    def read(self, after_lsn: int, max_bytes: int, cursor: tuple | None = None) -> tuple:
+        """([(lsn, payload)] of the records after after_lsn, about max_bytes of them (at least one
+        if any), cursor), read from the segments on disk without changing them (a live log's older
+        records, for a replica catching up). A segment grows until the next checkpoint, so a reader
+        far behind passes back the cursor (segment, offset, lsn) of its previous read and resumes
+        there: each batch then costs its own bytes, not the segment's. Without one (or a stale one)
+        the records before after_lsn are skipped by their headers, payloads unread."""
         out, size = [], 0
         segs = self.segments()
         for i, (first, path) in enumerate(segs):
             if i + 1 < len(segs) and segs[i + 1][0] <= after_lsn + 1:
                 continue   # wholly behind after_lsn
+            offset = cursor[1] if cursor and cursor[0] == path and cursor[2] == after_lsn else 0
             with open(path, "rb") as f:
-                data = f.read()
-            for _, lsn, view in self._scan(data):
-                if lsn > after_lsn:
-                    out.append((lsn, bytes(view)))
-                    size += len(view)
+                f.seek(offset)
+                while True:
+                    head = f.read(HEADER.size)
+                    if len(head) < HEADER.size:
+                        break
+                    length, crc, lsn = HEADER.unpack(head)
+                    if lsn <= after_lsn:
+                        f.seek(length, 1)
+                        offset += HEADER.size + length
+                        continue
+                    payload = f.read(length)
+                    if len(payload) < length or (zlib.crc32(LSN.pack(lsn), zlib.crc32(payload)) != crc
+                                                 and zlib.crc32(payload, zlib.crc32(head[8:])) != crc):
+                        break   # a record still being written (or a torn one): the next read gets it
+                    offset += HEADER.size + length
+                    out.append((lsn, payload))
+                    size += length
                     if size >= max_bytes:
-                        return out
-        return out
+                        return out, (path, offset, lsn)
+            if out:
+                return out, (path, offset, out[-1][0])   # the next segment on the next read
+        return out, None
 
     def first_lsn(self) -> int:
         """The first LSN still on disk (records before it are in a checkpoint only)."""

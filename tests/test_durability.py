@@ -340,6 +340,46 @@ def test_log_records_of_both_checksum_layouts_replay_and_corruption_stops_replay
     assert got == [(1, b"P-first|second part"), (2, b"P-old layout")]
 
 
+def test_log_reads_for_a_replica_resume_at_their_cursor_and_match_replay(tmp_path):
+    """A follower far behind reads the leader's log in batches (server/replication.py): batch by
+    batch, across a segment boundary, with the cursor of each read, or a stale one, or none, it
+    gets exactly the records replay sees, in order; a record still being written is left for the
+    next read. Both checksum layouts are accepted, as replay accepts them."""
+    import struct
+    import zlib
+
+    from sparseps.server.wal import WriteAheadLog
+    wal = WriteAheadLog(str(tmp_path), "none")
+    wal.open()
+    for i in range(1, 41):
+        wal.append(b"P", bytes([i]) * (i * 7))
+        if i == 25:
+            wal.rotate(0)   # a second segment from record 26; the first one stays (checkpoint at 0)
+    wal.close()
+    segs = wal.segments()
+    assert [first for first, _ in segs] == [1, 26]
+    body = struct.pack("<Q", 41) + b"P-old layout"
+    with open(segs[-1][1], "ab") as f:   # one record in the old checksum layout, then a half-written one
+        f.write(struct.pack("<II", len(body) - 8, zlib.crc32(body)) + body + struct.pack("<IIQ", 100, 0, 42) + b"torn")
+    want = [(lsn, bytes(p)) for lsn, p in WriteAheadLog(str(tmp_path), "none").replay(0)]
+    assert [lsn for lsn, _ in want] == list(range(1, 42))
+    for use_cursor in (True, False):
+        got, lsn, cursor = [], 0, None
+        while True:
+            batch, cursor = wal.read(lsn, 300, cursor if use_cursor else None)
+            if not batch:
+                break
+            assert sum(len(p) for _, p in batch[:-1]) < 300, "a batch stops once it holds max_bytes"
+            got += batch
+            lsn = batch[-1][0]
+        assert got == want
+    records, cursor = wal.read(10, 1, None)
+    assert records == want[10:11]
+    stale = (cursor[0], cursor[1], 5)   # a cursor for another position is not used
+    assert wal.read(17, 50, stale)[0][0] == want[17]
+    assert wal.read(41, 1 << 20, None) == ([], None)
+
+
 def test_overlapping_checkpoints_each_get_their_own_number(tmp_path):
     """Checkpoint calls that overlap (a cron `sparseps checkpoint`, the periodic thread, the final
     save on SIGTERM) are written one after the other: distinct numbers, each complete, and the

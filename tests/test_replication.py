@@ -47,13 +47,14 @@ class Shard:
         for i in range(replicas):
             self.start(f"r{i}")
 
-    def start(self, name, *args):
+    def start(self, name, *args, **server):
+        """Start replica `name` (server: more LocalServer options, e.g. host, prefix)."""
         port, metrics_port = free_ports(2)
         self.servers[name] = LocalServer(
             "--backend", "numba", "--coordinator", self.etcd, "--cluster", self.cluster, "--shard-index",
             str(self.index), "--num-shards", str(self.num_shards), "--data-dir", os.path.join(self.root, name),
             "--min-insync-replicas", str(self.k), "--metrics-port", str(metrics_port), *self.extra, *args, port=port,
-            env=self.env)
+            env=self.env, **server)
         self.servers[name].metrics_port = metrics_port
         return self.servers[name]
 
@@ -332,6 +333,10 @@ def test_bad_replication_input_and_serving_replica(etcd):
             assert e.value.code() == code and words in e.value.details(), e.value.details()
         channel.close()
         follower = next(s for s in shard.servers.values() if s not in (leader, serving))
+        for srv, role in ((leader, "leader"), (follower, "follower"), (serving, "serving")):
+            with direct(srv, retry_deadline=5) as d:   # GetServerInfo says what each replica is
+                info = d.server_info[0]
+                assert (info.role, info.epoch) == (role, epoch) and info.log_end >= 9, (role, info)
         for srv, err in ((follower, sparseps.Unavailable), (serving, sparseps.FailedPrecondition)):
             with direct(srv, retry_deadline=0) as d:
                 with pytest.raises(err):
@@ -357,7 +362,8 @@ def test_bad_replication_input_and_serving_replica(etcd):
                                      f'sparseps_replica_epoch{{shard="0"}} {float(epoch)}',
                                      'sparseps_replication_ack_wait_seconds_count{shard="0"}']),
                            (serving, ['sparseps_replica_role{role="serving",shard="0"} 1.0',
-                                      'sparseps_replica_lag_records{shard="0"} 0.0', 'sparseps_replica_lag_seconds'])):
+                                      'sparseps_replica_lag_records{shard="0"} 0.0', 'sparseps_replica_lag_bytes{shard="0"} 0.0',
+                                      'sparseps_replica_lag_seconds', 'sparseps_replica_failovers_total{shard="0"} 0.0'])):
             text = urllib.request.urlopen(f"http://127.0.0.1:{srv.metrics_port}/metrics", timeout=10).read().decode()
             for line in lines:
                 assert line in text, (line, [ln for ln in text.splitlines() if "replica" in ln])
