@@ -476,20 +476,24 @@ def test_replication_needs_the_replica_role_under_tls_and_tokens(etcd, tmp_path)
         shard.stop()
 
 
-def test_sync_mode_steps_survive_the_coordinator_leader_kill9(etcd):
-    """SYNC mode on 2 shards x 2 replicas (K=1: acks still wait for the in-sync follower): two workers push every step (each -1 to a row on
-    each shard, summed); the leader of shard 0, which coordinates the steps, is killed -9 mid-run.
-    Steps go on under the new leader, every step is applied on both shards or neither, once: both
-    rows equal 2 x the steps applied, and every step a worker saw acknowledged is among them."""
-    shards = [Shard(etcd, "sync", replicas=2, k=1, index=i, num_shards=2) for i in range(2)]
+def test_sync_mode_on_3_shards_x_3_replicas_survives_kills_a_pause_and_a_restart(etcd):
+    """SYNC mode on 3 shards x 3 replicas (K=2): two workers push every step (each -1 to a row on
+    each shard, summed) while, one after another, the leader of shard 0 (which coordinates the
+    steps) is killed -9, the leader of shard 1 is SIGSTOPped past its lease and continued, and a
+    follower of shard 2 is killed -9 and restarted on its data dir (the killed leader too). Steps go
+    on throughout; every step is applied on all three shards or none, once: each row equals 2 x
+    the steps applied, every step a worker saw acknowledged is among them, the paused leader has
+    rejoined as a follower, and every replica of each shard is bit-identical."""
+    shards = [Shard(etcd, "sync", replicas=3, k=2, index=i, num_shards=3) for i in range(3)]
+    rows = np.arange(3)
     try:
         for s in shards:
-            s.wait_in_sync(2)
+            s.wait_in_sync(3, timeout=60)
         address = f"{etcd}/sync"
         with sparseps.connect(address, retry_deadline=30) as c:
             c.create_optimizer("opt", "SGD", learning_rate=1.0,
                                consistency={"mode": "sync", "replicas_to_aggregate": 2, "total_num_replicas": 2})
-            c.create_variable("counts", initial_value=np.zeros((2, 1), np.float32), optimizer="opt")
+            c.create_variable("counts", initial_value=np.zeros((3, 1), np.float32), optimizer="opt")
         acked, errs, stop = [[], []], [], threading.Event()
         started, final, lock = [-1, -1], [None], threading.Lock()
 
@@ -498,7 +502,7 @@ def test_sync_mode_steps_survive_the_coordinator_leader_kill9(etcd):
             # first to see `stop` fixes the last step as the highest either has started.
             with sparseps.connect(address, timeout=10, retry_deadline=60) as c:
                 step = 0
-                while step < 1000:
+                while step < 5000:
                     with lock:
                         if stop.is_set() and final[0] is None:
                             final[0] = max(started)
@@ -506,32 +510,68 @@ def test_sync_mode_steps_survive_the_coordinator_leader_kill9(etcd):
                             return
                         started[w] = step
                     try:
-                        acked[w].append((step, c.push({"counts": (np.array([0, 1]), -np.ones((2, 1), np.float32))},
+                        acked[w].append((step, c.push({"counts": (rows, -np.ones((3, 1), np.float32))},
                                                       step=step, worker_id=f"w{w}")))
                     except sparseps.Error as e:
                         errs.append(f"w{w} step {step}: {e}")
                         return
                     step += 1
 
+        def steps_go_on(n=3):
+            seen = len(acked[0])
+            deadline = time.monotonic() + 30
+            while len(acked[0]) < seen + n:
+                assert not errs and time.monotonic() < deadline, (errs[:3], len(acked[0]))
+                time.sleep(0.05)
+
         threads = [threading.Thread(target=work, args=(w,)) for w in range(2)]
         for t in threads:
             t.start()
-        time.sleep(2.0)
-        old = shards[0].leader()
-        old.kill()
-        shards[0].wait(lambda v: v["leader"] and v["leader"]["pid"] != old.pid, timeout=20)
-        time.sleep(3.0)
+        steps_go_on()
+        killed = shards[0].leader()                          # 1. the coordinating shard's leader, kill -9
+        killed.kill()
+        shards[0].wait(lambda v: v["leader"] and v["leader"]["pid"] != killed.pid, timeout=20)
+        steps_go_on()
+        paused = shards[1].leader()                          # 2. a leader paused past its lease
+        os.kill(paused.pid, signal.SIGSTOP)
+        shards[1].wait(lambda v: v["leader"] and v["leader"]["pid"] != paused.pid, timeout=20)
+        os.kill(paused.pid, signal.SIGCONT)
+        steps_go_on()
+        lead2 = shards[2].view()["leader"]["pid"]            # 3. a follower, kill -9 and restart
+        follower = next(n for n, s in shards[2].servers.items() if s.pid != lead2)
+        shards[2].servers[follower].kill()
+        steps_go_on()
+        shards[2].start(follower)
+        shards[0].start(next(n for n, s in shards[0].servers.items() if s is killed))
+        for s in shards:
+            s.wait_in_sync(3, timeout=60)
+        steps_go_on()
         stop.set()
         for t in threads:
             t.join(120)
         assert not errs, errs[:3]
         done = [len(a) for a in acked]
         with sparseps.connect(address, retry_deadline=30) as c:
-            values = c.pull("counts", np.arange(2))[:, 0]
-            its = [c.optimizer("opt")._info(k).iterations for k in range(2)]
-        assert its[0] == its[1] and values.tolist() == [2.0 * its[0]] * 2, (values, its, done)
-        assert max(done) <= its[0] <= max(done) + 1 and min(done) > 5, (its, done)
+            values = c.pull("counts", rows)[:, 0]
+            its = [c.optimizer("opt")._info(k).iterations for k in range(3)]
+        assert len(set(its)) == 1 and values.tolist() == [2.0 * its[0]] * 3, (values, its, done)
+        assert max(done) <= its[0] <= max(done) + 1 and min(done) > 10, (its, done)
         assert all(it == step + 1 for a in acked for step, it in a), acked
+        assert any(r["pid"] == paused.pid and r["role"] == "follower" for r in shards[1].view()["replicas"])
+        live = [[x for x in s.servers.values() if x.proc.poll() is None] for s in shards]
+        assert [len(x) for x in live] == [3, 3, 3]
+        # Replica j of every shard as one cluster: each answers pulls of its own shard's rows.
+        deadline = time.monotonic() + 20
+        while True:
+            seen = []
+            for j in range(3):
+                with sparseps.connect(",".join(x[j].address for x in live), data_plane=False, retry_deadline=5) as c:
+                    seen.append(c.pull("counts", rows).tobytes())
+            if len(set(seen)) == 1:
+                break
+            assert time.monotonic() < deadline, "replicas still differ"
+            time.sleep(0.2)
+        assert np.frombuffer(seen[0], np.float32).tolist() == [2.0 * its[0]] * 3
     finally:
         for s in shards:
             s.stop()
