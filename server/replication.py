@@ -436,6 +436,7 @@ class Replica:
 
     def _maintain_isr(self):
         """Leader: drop members that fell behind for lag_max (in etcd first), add caught-up followers."""
+        warned = 0.0
         while not self._stop.wait(0.1) and self.role == "leader":
             now = time.monotonic()
             with self.cond:
@@ -449,7 +450,10 @@ class Replica:
             try:
                 ok = self.coord.set_isr(self.epoch, members)
             except Exception as e:   # etcd unreachable: keep the set (and its waits) as it is
-                log.warning("cannot update the in-sync set in etcd (%s)", e)
+                if now - warned > 5.0:   # once in 5 s, not at every 0.1 s retry
+                    warned = now
+                    log.warning("cannot update the in-sync set in etcd (%s: %s); pushes wait meanwhile",
+                                type(e).__name__, e)
                 continue
             if not ok:
                 self.restart(f"the leader key of epoch {self.epoch} is gone")
