@@ -6,15 +6,18 @@
 #   bash scripts/demo.sh                    # the defaults
 #   bash scripts/demo.sh --steps 60         # extra arguments go to `sparseps demo`
 #   SPARSEPS_DEMO_SHARDS=3 SPARSEPS_DEMO_WORKERS=4 bash scripts/demo.sh
+#   SPARSEPS_DEMO_REPLICAS=3 bash scripts/demo.sh   # replicated shards: etcd + 3 replicas per shard,
+#                                                   # trained through etcd://, `sparseps status` after
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SHARDS=${SPARSEPS_DEMO_SHARDS:-2}
 WORKERS=${SPARSEPS_DEMO_WORKERS:-2}
+REPLICAS=${SPARSEPS_DEMO_REPLICAS:-0}
 
 bash scripts/setup.sh
 
 log=$(mktemp -t sparseps-cluster.XXXXXX)
-.venv/bin/sparseps cluster up --shards "$SHARDS" >"$log" 2>&1 &
+.venv/bin/sparseps cluster up --shards "$SHARDS" --replicas "$REPLICAS" >"$log" 2>&1 &
 cluster_pid=$!
 
 stop_cluster() {
@@ -45,6 +48,9 @@ cat "$log"
 address=$(sed -n 's/^ready: [0-9]* shards at //p' "$log")
 
 .venv/bin/sparseps demo --address "$address" --workers "$WORKERS" "$@"
+if [ "$REPLICAS" -gt 0 ]; then
+  .venv/bin/sparseps status "$address" --replicas-only   # every replica's role, epoch and lag
+fi
 
 # stop the cluster and check that it went down cleanly
 kill -TERM "$cluster_pid"
