@@ -139,12 +139,12 @@ class Client:
             opt.iterations, opt.get_config()["learning_rate"]
             opt.get_slot("emb", "m")
         """
-        self._shards.call(0, "GetOptimizer", pb.GetOptimizerRequest(name=name))
+        self._shards.read(0, "GetOptimizer", pb.GetOptimizerRequest(name=name))
         return Optimizer(self, name)
 
     def optimizers(self) -> list:
         """Handles to every optimizer of the cluster."""
-        resp = self._shards.call(0, "ListOptimizers", pb.ListOptimizersRequest())
+        resp = self._shards.read(0, "ListOptimizers", pb.ListOptimizersRequest())
         return [Optimizer(self, o.name) for o in resp.optimizers]
 
     # ------------------------------------------------------------------ variables
@@ -257,10 +257,10 @@ class Client:
 
     def variables(self) -> list:
         """Handles to every variable of the cluster."""
-        resp = self._shards.call(0, "ListVariables", pb.ListVariablesRequest())
+        resp = self._shards.read(0, "ListVariables", pb.ListVariablesRequest())
         names = [v.name for v in resp.variables]
         for k in range(1, self.num_shards):   # whole variables live on their owner only
-            more = self._shards.call(k, "ListVariables", pb.ListVariablesRequest())
+            more = self._shards.read(k, "ListVariables", pb.ListVariablesRequest())
             names += [v.name for v in more.variables if v.name not in names]
         return [Variable(self, n) for n in names]
 

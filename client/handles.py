@@ -101,7 +101,7 @@ class Optimizer:
         return f"<sparseps.Optimizer {self.name!r}>"
 
     def _info(self, shard=0) -> "pb.OptimizerInfo":
-        return self.client._shards.call(shard, "GetOptimizer", pb.GetOptimizerRequest(name=self.name))
+        return self.client._shards.read(shard, "GetOptimizer", pb.GetOptimizerRequest(name=self.name))
 
     @property
     def iterations(self) -> int:

@@ -89,7 +89,7 @@ class Pulls:
         keys, rows = [], []
         for k in range(layout.n):
             for _ in range(attempts):
-                before = self._shards.call(k, "DescribeVariable", pb.DescribeVariableRequest(name=name))
+                before = self._shards.read(k, "DescribeVariable", pb.DescribeVariableRequest(name=name))
                 part_keys, part_rows = [], []
                 for lo in range(0, before.local_rows, per_request):
                     req = self.request(slot, name, None, 0, 0.0)
@@ -99,7 +99,7 @@ class Pulls:
                     resp = self._shards.each(method, {k: req}, True, None if slot else self._shards.attach())[k]
                     part_keys.append(rows_of(resp.ids))
                     part_rows.append(rows_of(resp.values))
-                after = self._shards.call(k, "DescribeVariable", pb.DescribeVariableRequest(name=name))
+                after = self._shards.read(k, "DescribeVariable", pb.DescribeVariableRequest(name=name))
                 if after.table_version == before.table_version:
                     keys += part_keys
                     rows += part_rows

@@ -114,7 +114,7 @@ class Pushes:
     def whole_l2sum(self, optimizer: str, values, dtype):
         """With clipnorm/global_clipnorm, each shard must clip with the norm of the whole gradient."""
         if optimizer not in self._clip_configs:
-            cfg = json.loads(self._shards.call(0, "GetOptimizer", pb.GetOptimizerRequest(name=optimizer))
+            cfg = json.loads(self._shards.read(0, "GetOptimizer", pb.GetOptimizerRequest(name=optimizer))
                              .config_json)["config"]
             self._clip_configs[optimizer] = (cfg.get("clipvalue"),
                                              cfg.get("clipnorm") is not None or cfg.get("global_clipnorm") is not None)

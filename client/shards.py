@@ -221,6 +221,11 @@ class Shards:
         return call(getattr(self.stubs[k], method), request, self.timeout if timeout is None else timeout,
                     self.metadata)
 
+    def read(self, k: int, method: str, request, timeout=None):
+        """An idempotent call to shard k (Get*/List*/Describe*), retried like pulls: after a
+        failover of a replicated shard it reaches the new leader instead of failing on the old."""
+        return self.retry(lambda: self.call(k, method, request, timeout))
+
     def retry(self, fn, codes=RETRYABLE):
         """Call fn, retrying UNAVAILABLE / DEADLINE_EXCEEDED with backoff until retry_deadline."""
         deadline = time.monotonic() + self.retry_deadline

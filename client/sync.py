@@ -31,7 +31,7 @@ class Sync:
         if optimizer not in self._modes:
             if not optimizer:
                 return "async"
-            info = self._shards.call(0, "GetOptimizer", pb.GetOptimizerRequest(name=optimizer))
+            info = self._shards.read(0, "GetOptimizer", pb.GetOptimizerRequest(name=optimizer))
             self._modes[optimizer] = {pb.SYNC: "sync", pb.BOUNDED: "bounded"}.get(info.consistency.mode, "async")
         return self._modes[optimizer]
 

