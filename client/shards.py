@@ -144,7 +144,7 @@ class Shards:
 
     def rediscover(self):
         """A replicated cluster (etcd://): point each shard whose leader moved at the new one."""
-        if self.discovery is None or time.monotonic() - self._discovered < 0.1:
+        if self.discovery is None or time.monotonic() - self._discovered < 0.05:
             return
         self._discovered = time.monotonic()
         try:
@@ -236,10 +236,10 @@ class Shards:
             except errors.Error as e:
                 if e.code not in codes or time.monotonic() + delay > deadline:
                     raise
-                self.rediscover()
             time.sleep(delay * (0.5 + random.random()))
+            self.rediscover()   # after the pause: a leader elected meanwhile is the one retried
             # a replicated cluster elects a new leader within its lease: ask etcd again often
-            delay = min(delay * 2, 2.0 if self.discovery is None else 0.2)
+            delay = min(delay * 2, 2.0 if self.discovery is None else 0.1)
 
     def attach(self):
         """{shard: []} for the shards whose requests go to the data plane (rows then travel aside)."""

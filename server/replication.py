@@ -29,6 +29,7 @@ Why each rule (docs/replication.md has the whole list):
     paused leader is fenced even with --min-insync-replicas 1.
 """
 import collections
+import itertools
 import json
 import logging
 import os
@@ -406,7 +407,9 @@ class Replica:
             self.cond.notify_all()
             self.cond.wait_for(lambda: self.wal.lsn > lsn or self.role != "leader",
                                min(int(req.get("wait_ms", WAIT_MS)), 2000) / 1000.0)
-            cached = [r for r in self.cache if r[0] > lsn] if self.cache and self.cache[0][0] <= lsn + 1 else None
+            first = self.cache[0][0] if self.cache else None   # the cache holds consecutive LSNs
+            cached = list(itertools.islice(self.cache, lsn + 1 - first, None)) \
+                if first is not None and first <= lsn + 1 else None
             appended, in_cache = self.appended_bytes, self.cache_bytes
         header = {"epoch": self.epoch, "lsn": self.wal.lsn, "commit": self.commit_lsn()}
         records = None if cached is None else [(n, p) for n, p, _ in cached]
@@ -530,7 +533,7 @@ class Replica:
         if isr is not None and self.id not in isr["members"]:
             return   # out of sync: may lack acknowledged records, so never leader
         self.coord.propose(self.wal.lsn)
-        self._stop.wait(0.2)
+        self._stop.wait(0.1)   # the other in-sync replicas saw the leader key go within ~0.05 s: let them propose
         if self.coord.leader() is not None:
             return
         cands = [c for c in self.coord.candidates() if isr is None or c["id"] in isr["members"]]
