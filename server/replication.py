@@ -412,15 +412,13 @@ class Replica:
                 if first is not None and first <= lsn + 1 else None
             appended, in_cache = self.appended_bytes, self.cache_bytes
         header = {"epoch": self.epoch, "lsn": self.wal.lsn, "commit": self.commit_lsn()}
-        records = None if cached is None else [(n, p) for n, p, _ in cached]
-        if records is None:
-            if lsn + 1 < self.wal.first_lsn():
-                header["snapshot"] = True
-                return encode_batch(header)
-            with self.cond:
-                f = self.followers.get(req["id"], {})
-            records, cursor = self.wal.read(lsn, BATCH_BYTES, f.get("cursor"))
-            f["cursor"] = cursor
+        if cached is not None:
+            records = [(n, p) for n, p, _ in cached]
+        elif lsn + 1 < self.wal.first_lsn():
+            header["snapshot"] = True
+            return encode_batch(header)
+        else:   # older than the cache: from the log segments, where this follower's last read ended
+            records, f["cursor"] = self.wal.read(lsn, BATCH_BYTES, f.get("cursor"))
         size, out = 0, []
         for rec in records:
             out.append(rec)

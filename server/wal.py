@@ -32,7 +32,15 @@ def seal(*parts) -> tuple:
     for v in views:
         crc = zlib.crc32(v, crc)
     return views, crc, sum(len(v) for v in views)
+
+
 POLICIES = ("fsync", "group", "none")
+
+
+def _intact(lsn: int, crc: int, payload) -> bool:
+    """The record's checksum holds, in either layout: crc32(payload + lsn), or crc32(lsn + payload)."""
+    packed = LSN.pack(lsn)
+    return zlib.crc32(packed, zlib.crc32(payload)) == crc or zlib.crc32(payload, zlib.crc32(packed)) == crc
 
 
 class WriteAheadLog:
@@ -67,7 +75,7 @@ class WriteAheadLog:
             if end > len(data):
                 return   # torn tail: the crash happened while this record was being written
             view = memoryview(data)[pos + HEADER.size:end]
-            if zlib.crc32(LSN.pack(lsn), zlib.crc32(view)) != crc and zlib.crc32(data[pos + 8:end]) != crc:
+            if not _intact(lsn, crc, view):
                 return   # torn or corrupt record
             yield end, lsn, view
             pos = end
@@ -115,8 +123,7 @@ class WriteAheadLog:
                         offset += HEADER.size + length
                         continue
                     payload = f.read(length)
-                    if len(payload) < length or (zlib.crc32(LSN.pack(lsn), zlib.crc32(payload)) != crc
-                                                 and zlib.crc32(payload, zlib.crc32(head[8:])) != crc):
+                    if len(payload) < length or not _intact(lsn, crc, payload):
                         break   # a record still being written (or a torn one): the next read gets it
                     offset += HEADER.size + length
                     out.append((lsn, payload))
